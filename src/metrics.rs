@@ -1,1 +1,208 @@
-//! placeholder
+//! Counters and gauges, one block per shard, rendered in the Prometheus text format on
+//! `GET /metrics`.
+//!
+//! Each shard writes only its own block (relaxed atomics, no contention; the block is
+//! cache-line aligned so shards never share a line); any shard can read all blocks to answer
+//! a scrape.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::status::Health;
+
+/// Error kinds counted in `fleetgate_errors_total{kind=…}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum ErrorKind {
+    /// Accept failed.
+    Accept = 0,
+    /// TLS handshake or record error.
+    Tls,
+    /// Malformed or refused HTTP request.
+    Http,
+    /// WebSocket protocol violation by the peer.
+    WebSocket,
+    /// TLS handshake timeout.
+    HandshakeTimeout,
+    /// HTTP head timeout (slow loris).
+    HeadTimeout,
+    /// WebSocket idle timeout.
+    IdleTimeout,
+    /// Socket receive error (reset, …).
+    Recv,
+    /// Socket send error.
+    Send,
+    /// Connection refused because the shard was full.
+    ShardFull,
+    /// Receiving paused because a peer did not read its output.
+    Backpressure,
+}
+
+const ERROR_KINDS: [(&str, ErrorKind); 11] = [
+    ("accept", ErrorKind::Accept),
+    ("tls", ErrorKind::Tls),
+    ("http", ErrorKind::Http),
+    ("websocket", ErrorKind::WebSocket),
+    ("handshake_timeout", ErrorKind::HandshakeTimeout),
+    ("head_timeout", ErrorKind::HeadTimeout),
+    ("idle_timeout", ErrorKind::IdleTimeout),
+    ("recv", ErrorKind::Recv),
+    ("send", ErrorKind::Send),
+    ("shard_full", ErrorKind::ShardFull),
+    ("backpressure", ErrorKind::Backpressure),
+];
+
+/// One shard's counters.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct ShardStats {
+    /// Open TCP connections (gauge).
+    pub connections: AtomicU64,
+    /// Open device WebSockets (gauge).
+    pub devices: AtomicU64,
+    /// Open management WebSockets (gauge).
+    pub management: AtomicU64,
+    /// Open echo WebSockets (gauge).
+    pub echo: AtomicU64,
+    /// Accepted TCP connections.
+    pub accepted: AtomicU64,
+    /// Completed TLS 1.2 handshakes.
+    pub handshakes_tls12: AtomicU64,
+    /// Completed TLS 1.3 handshakes.
+    pub handshakes_tls13: AtomicU64,
+    /// HTTP requests answered without an upgrade.
+    pub http_requests: AtomicU64,
+    /// WebSocket upgrades.
+    pub upgrades: AtomicU64,
+    /// Bytes received (ciphertext).
+    pub bytes_in: AtomicU64,
+    /// Bytes sent (ciphertext).
+    pub bytes_out: AtomicU64,
+    /// WebSocket messages received.
+    pub ws_messages_in: AtomicU64,
+    /// Errors by kind.
+    pub errors: [AtomicU64; 11],
+}
+
+impl ShardStats {
+    /// Adds 1 to a counter.
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Subtracts 1 from a gauge.
+    pub fn dec(c: &AtomicU64) {
+        c.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Counts an error.
+    pub fn error(&self, kind: ErrorKind) {
+        Self::inc(&self.errors[kind as usize]);
+    }
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Sum of a gauge or counter over all shards.
+pub fn total(shards: &[ShardStats], f: impl Fn(&ShardStats) -> &AtomicU64) -> u64 {
+    shards.iter().map(|s| get(f(s))).sum()
+}
+
+/// Renders all shards' counters plus process-wide facts in the Prometheus text format.
+pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u64>) -> String {
+    let mut o = String::with_capacity(4096);
+    let per_shard: [(&str, &str, &str, fn(&ShardStats) -> &AtomicU64); 4] = [
+        ("fleetgate_connections", "gauge", "Open TCP connections per shard.", |s| &s.connections),
+        ("fleetgate_devices_connected", "gauge", "Open device WebSockets per shard.", |s| &s.devices),
+        ("fleetgate_management_connected", "gauge", "Open management WebSockets per shard.", |s| {
+            &s.management
+        }),
+        ("fleetgate_echo_connected", "gauge", "Open diagnostic echo WebSockets per shard.", |s| {
+            &s.echo
+        }),
+    ];
+    for (name, kind, help, f) in per_shard {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, s) in shards.iter().enumerate() {
+            let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", get(f(s)));
+        }
+    }
+    let counters: [(&str, &str, fn(&ShardStats) -> &AtomicU64); 6] = [
+        ("fleetgate_accepted_total", "Accepted TCP connections.", |s| &s.accepted),
+        ("fleetgate_http_requests_total", "HTTP requests answered without an upgrade.", |s| {
+            &s.http_requests
+        }),
+        ("fleetgate_websocket_upgrades_total", "WebSocket upgrades.", |s| &s.upgrades),
+        ("fleetgate_websocket_messages_received_total", "WebSocket messages received.", |s| {
+            &s.ws_messages_in
+        }),
+        ("fleetgate_received_bytes_total", "Bytes received (TLS records).", |s| &s.bytes_in),
+        ("fleetgate_sent_bytes_total", "Bytes sent (TLS records).", |s| &s.bytes_out),
+    ];
+    for (name, help, f) in counters {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+        let _ = writeln!(o, "{name} {}", total(shards, f));
+    }
+    let name = "fleetgate_tls_handshakes_total";
+    let _ = writeln!(o, "# HELP {name} Completed TLS handshakes by version.\n# TYPE {name} counter");
+    let _ = writeln!(o, "{name}{{version=\"1.2\"}} {}", total(shards, |s| &s.handshakes_tls12));
+    let _ = writeln!(o, "{name}{{version=\"1.3\"}} {}", total(shards, |s| &s.handshakes_tls13));
+    let name = "fleetgate_errors_total";
+    let _ = writeln!(o, "# HELP {name} Errors by kind.\n# TYPE {name} counter");
+    for (label, kind) in ERROR_KINDS {
+        let n: u64 = shards.iter().map(|s| get(&s.errors[kind as usize])).sum();
+        let _ = writeln!(o, "{name}{{kind=\"{label}\"}} {n}");
+    }
+    let name = "fleetgate_status";
+    let _ = writeln!(
+        o,
+        "# HELP {name} 1 for the current /usg/check-status value.\n# TYPE {name} gauge"
+    );
+    for h in [Health::Init, Health::Ok, Health::Warn, Health::Err] {
+        let v = u8::from(h == health);
+        let _ = writeln!(o, "{name}{{status=\"{}\"}} {v}", h.as_str());
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fleetgate_info Build and backend.\n# TYPE fleetgate_info gauge\nfleetgate_info{{version=\"{}\",driver=\"{driver}\",shards=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        shards.len()
+    );
+    if let Some(rss) = rss {
+        let _ = writeln!(
+            o,
+            "# HELP fleetgate_resident_memory_bytes Resident set size of the process.\n# TYPE fleetgate_resident_memory_bytes gauge\nfleetgate_resident_memory_bytes {rss}"
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_sums_and_labels() {
+        let shards: Vec<ShardStats> = (0..2).map(|_| ShardStats::default()).collect();
+        ShardStats::inc(&shards[0].connections);
+        ShardStats::add(&shards[1].connections, 2);
+        ShardStats::inc(&shards[1].accepted);
+        shards[0].error(ErrorKind::Tls);
+        let text = render(&shards, Health::Warn, "epoll", Some(1234));
+        assert!(text.contains("fleetgate_connections{shard=\"0\"} 1\n"), "{text}");
+        assert!(text.contains("fleetgate_connections{shard=\"1\"} 2\n"), "{text}");
+        assert!(text.contains("fleetgate_accepted_total 1\n"));
+        assert!(text.contains("fleetgate_errors_total{kind=\"tls\"} 1\n"));
+        assert!(text.contains("fleetgate_status{status=\"warn\"} 1\n"));
+        assert!(text.contains("fleetgate_status{status=\"ok\"} 0\n"));
+        assert!(text.contains("fleetgate_resident_memory_bytes 1234\n"));
+        assert_eq!(std::mem::align_of::<ShardStats>(), 64);
+    }
+}

@@ -1,1 +1,422 @@
-//! placeholder
+//! Starting and stopping the gateway: data dir and certificates on first start, one listener
+//! and one thread per shard, and the control loop (signals, status recomputation, keystore
+//! hot-swap) on the calling thread.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls::ServerConfig;
+
+use crate::config::{Config, DriverKind};
+use crate::driver::epoll::EpollDriver;
+use crate::driver::probe::{self, Chosen};
+use crate::driver::uring::UringDriver;
+use crate::driver::{Driver, DriverConfig, Waker};
+use crate::metrics::{self, ShardStats};
+use crate::pki::{self, Keystore};
+use crate::shard::conn::Settings;
+use crate::shard::{Command, Shard, Shared};
+use crate::status::{self, Health, StatusCell};
+
+/// Errors starting the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data dir, keystore or root certificate could not be set up.
+    #[error("certificates in {dir}: {source}")]
+    Pki {
+        /// The data dir.
+        dir: PathBuf,
+        /// The cause.
+        source: pki::PkiError,
+    },
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The listening socket could not be set up.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `--driver uring` was asked for but io_uring is unusable here.
+    #[error("io_uring is not usable here ({0}); use --driver epoll or auto")]
+    Uring(String),
+    /// A shard failed to start.
+    #[error("shard {shard} failed to start: {message}")]
+    Shard {
+        /// Which shard.
+        shard: usize,
+        /// Why.
+        message: String,
+    },
+}
+
+struct ShardHandle {
+    tx: Sender<Command>,
+    waker: Waker,
+    thread: JoinHandle<()>,
+}
+
+/// A started gateway.
+pub struct Running {
+    /// The address the listeners are bound to (the real port when 0 was asked for).
+    pub local_addr: SocketAddr,
+    /// The backend in use: "uring" or "epoll".
+    pub driver: &'static str,
+    /// Where the keystore lives.
+    pub keystore_path: PathBuf,
+    shards: Vec<ShardHandle>,
+    shared: Shared,
+    config: Config,
+    started: Instant,
+    keystore_stamp: Mutex<Option<(SystemTime, u64)>>,
+    certificate_valid: AtomicBool,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("local_addr", &self.local_addr)
+            .field("driver", &self.driver)
+            .field("shards", &self.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The names the first-start server certificate is made for.
+pub fn default_hosts() -> Vec<String> {
+    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    let h = crate::sys::hostname();
+    if !h.is_empty() && !hosts.contains(&h) {
+        hosts.push(h);
+    }
+    hosts
+}
+
+/// Creates the data dir, certificates and listeners, and starts the shards.
+pub fn start(config: Config) -> Result<Running, StartError> {
+    let t0 = Instant::now();
+    let data_dir = config.server.data_dir.clone();
+    let boot = pki::bootstrap(&data_dir, &default_hosts()).map_err(|source| StartError::Pki {
+        dir: data_dir.clone(),
+        source,
+    })?;
+    if boot.created {
+        tracing::info!(
+            "created data dir {}: root CA, server certificate for {}; root certificate at {}",
+            data_dir.display(),
+            default_hosts().join(", "),
+            boot.root_pem_path.display()
+        );
+    }
+    tracing::info!("root certificate fingerprint (SHA-256): {}", boot.fingerprint);
+    let keystore = Keystore::load(&boot.keystore_path).map_err(|source| StartError::Pki {
+        dir: data_dir.clone(),
+        source,
+    })?;
+    let tls_config = crate::tls::server_config(&keystore, &config.tls)?;
+    let cert_ok = pki::verify(&keystore, &[]).is_empty();
+
+    let nofile = crate::sys::raise_nofile_limit().unwrap_or(1024);
+    let chosen = match probe::choose(config.server.driver) {
+        Ok(c) => c,
+        Err(why) => return Err(StartError::Uring(why)),
+    };
+    if let Chosen::Epoll(Some(why)) = &chosen {
+        tracing::warn!("io_uring unavailable ({why}); using epoll");
+    }
+    let n = config.shard_count();
+    let listeners = bind_listeners(config.server.listen, n)?;
+    let local_addr = listeners[0]
+        .local_addr()
+        .map_err(|source| StartError::Listen {
+            addr: config.server.listen,
+            source,
+        })?;
+
+    let stats: Arc<[ShardStats]> = (0..n).map(|_| ShardStats::default()).collect();
+    let shared = Shared {
+        stats,
+        status: Arc::new(StatusCell::default()),
+    };
+    let settings = Settings::from_config(&config);
+    let max_conns = match chosen {
+        // A ring's fixed file table cannot exceed RLIMIT_NOFILE.
+        Chosen::Uring => config
+            .limits
+            .max_connections_per_shard
+            .min(usize::try_from(nofile).unwrap_or(usize::MAX)),
+        Chosen::Epoll(_) => config.limits.max_connections_per_shard,
+    };
+    let dcfg = DriverConfig {
+        max_connections: max_conns,
+        recv_buffer_size: config.limits.recv_buffer_size,
+        recv_buffers: config.limits.recv_buffers_per_shard,
+    };
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut shards = Vec::with_capacity(n);
+    let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<Waker, String>)>();
+    let mut txs = Vec::new();
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel();
+        txs.push(tx);
+        let shared = shared.clone();
+        let settings = settings.clone();
+        let tls_config = tls_config.clone();
+        let ready = ready_tx.clone();
+        let uring = chosen == Chosen::Uring;
+        let pin = config.server.pin_threads;
+        let thread = std::thread::Builder::new()
+            .name(format!("shard-{id}"))
+            .spawn(move || {
+                if pin {
+                    if let Err(e) = crate::sys::pin_current_thread(id % ncpu) {
+                        tracing::debug!(shard = id, error = %e, "cannot pin thread");
+                    }
+                }
+                if uring {
+                    match UringDriver::new(dcfg) {
+                        Ok(d) => run_shard(id, d, listener, max_conns, settings, tls_config, shared, rx, ready),
+                        Err(e) => {
+                            let _ = ready.send((id, Err(format!("io_uring setup: {e}"))));
+                        }
+                    }
+                } else {
+                    match EpollDriver::new(dcfg) {
+                        Ok(d) => run_shard(id, d, listener, max_conns, settings, tls_config, shared, rx, ready),
+                        Err(e) => {
+                            let _ = ready.send((id, Err(format!("epoll setup: {e}"))));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| StartError::Shard {
+                shard: id,
+                message: e.to_string(),
+            })?;
+        shards.push((thread, None));
+    }
+    drop(ready_tx);
+    for _ in 0..n {
+        match ready_rx.recv() {
+            Ok((id, Ok(waker))) => shards[id].1 = Some(waker),
+            Ok((id, Err(message))) => {
+                return Err(StartError::Shard { shard: id, message });
+            }
+            Err(_) => {
+                return Err(StartError::Shard {
+                    shard: 0,
+                    message: "a shard thread exited during start-up".into(),
+                });
+            }
+        }
+    }
+    let driver = if chosen == Chosen::Uring { "uring" } else { "epoll" };
+    let shards: Vec<ShardHandle> = shards
+        .into_iter()
+        .zip(txs)
+        .map(|((thread, waker), tx)| ShardHandle {
+            tx,
+            waker: waker.expect("every shard reported ready"),
+            thread,
+        })
+        .collect();
+    let running = Running {
+        local_addr,
+        driver,
+        keystore_path: boot.keystore_path.clone(),
+        shards,
+        shared,
+        config,
+        started: t0,
+        keystore_stamp: Mutex::new(file_stamp(&boot.keystore_path)),
+        certificate_valid: AtomicBool::new(cert_ok),
+    };
+    running.recompute_status();
+    tracing::info!(
+        "listening on {local_addr} with {n} shards ({driver}), started in {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(running)
+}
+
+fn run_shard<D: Driver>(
+    id: usize,
+    mut driver: D,
+    listener: std::net::TcpListener,
+    max_conns: usize,
+    settings: Settings,
+    tls_config: Arc<ServerConfig>,
+    shared: Shared,
+    rx: mpsc::Receiver<Command>,
+    ready: Sender<(usize, Result<Waker, String>)>,
+) {
+    if let Err(e) = driver.listen(listener) {
+        let _ = ready.send((id, Err(format!("listen: {e}"))));
+        return;
+    }
+    let _ = ready.send((id, Ok(driver.waker())));
+    drop(ready);
+    Shard::new(id, driver, max_conns, settings, tls_config, shared, rx).run();
+}
+
+/// One `SO_REUSEPORT` listener per shard on the same address (the first bind fixes the port
+/// when 0 was asked for).
+fn bind_listeners(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, StartError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| StartError::Listen { addr, source };
+    let mut out = Vec::with_capacity(n);
+    let mut bound = addr;
+    for _ in 0..n {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(err)?;
+        s.set_reuse_address(true).map_err(err)?;
+        s.set_reuse_port(true).map_err(err)?;
+        // Accepted sockets inherit TCP_NODELAY on Linux: small WebSocket messages leave at once.
+        s.set_tcp_nodelay(true).map_err(err)?;
+        if addr.is_ipv6() {
+            let _ = s.set_only_v6(false);
+        }
+        s.set_nonblocking(true).map_err(err)?;
+        s.bind(&bound.into()).map_err(err)?;
+        s.listen(4096).map_err(err)?;
+        let l: std::net::TcpListener = s.into();
+        if bound.port() == 0 {
+            bound = l.local_addr().map_err(err)?;
+        }
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+impl Running {
+    /// Counters of every shard.
+    pub fn stats(&self) -> &[ShardStats] {
+        &self.shared.stats
+    }
+
+    /// The cached health.
+    pub fn health(&self) -> Health {
+        self.shared.status.get()
+    }
+
+    /// Recomputes `/usg/check-status` now.
+    pub fn recompute_status(&self) {
+        let h = status::compute(status::Inputs {
+            started: true,
+            uptime_secs: self.started.elapsed().as_secs(),
+            startup_deadline_secs: self.config.status.startup_deadline_secs,
+            certificate_valid: self.certificate_valid.load(Ordering::Relaxed),
+            management_connections: metrics::total(&self.shared.stats, |s| &s.management),
+        });
+        let old = self.shared.status.get();
+        self.shared.status.set(h);
+        if old != h {
+            tracing::info!("status {} → {}", old.as_str(), h.as_str());
+        }
+    }
+
+    /// Re-reads the keystore and hands the new certificate to every shard. Open connections
+    /// keep their sessions; new ones use the new certificate. On error the old one stays.
+    pub fn reload_keystore(&self) -> Result<(), String> {
+        *self.keystore_stamp.lock().expect("not poisoned") = file_stamp(&self.keystore_path);
+        let ks = Keystore::load(&self.keystore_path).map_err(|e| e.to_string())?;
+        let violations = pki::verify(&ks, &[]);
+        if !violations.is_empty() {
+            let msg: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
+            return Err(format!("new keystore refused: {}", msg.join("; ")));
+        }
+        let cfg = crate::tls::server_config(&ks, &self.config.tls).map_err(|e| e.to_string())?;
+        for s in &self.shards {
+            let _ = s.tx.send(Command::TlsConfig(cfg.clone()));
+            s.waker.wake();
+        }
+        self.certificate_valid.store(true, Ordering::Relaxed);
+        tracing::info!(
+            "installed keystore {} (root fingerprint {})",
+            self.keystore_path.display(),
+            ks.fingerprint()
+        );
+        Ok(())
+    }
+
+    /// True when the keystore file changed since it was last loaded.
+    pub fn keystore_changed(&self) -> bool {
+        let now = file_stamp(&self.keystore_path);
+        let last = self.keystore_stamp.lock().expect("not poisoned");
+        now.is_some() && now != *last
+    }
+
+    /// Stops accepting, closes WebSockets with 1001, waits for the shards (at most the drain
+    /// deadline plus a little), and returns.
+    pub fn shutdown(self) {
+        let drain = Duration::from_millis(self.config.server.drain_timeout_ms);
+        for s in &self.shards {
+            let _ = s.tx.send(Command::Shutdown { drain });
+            s.waker.wake();
+        }
+        for s in self.shards {
+            let _ = s.thread.join();
+        }
+    }
+
+    /// The control loop: runs until SIGTERM or SIGINT, then shuts down. SIGHUP re-reads the
+    /// keystore; so does a change of the keystore file (checked every
+    /// `server.keystore_poll_ms`). The status is recomputed every `status.interval_secs`.
+    pub fn run_until_signalled(self) -> std::io::Result<()> {
+        let term = Arc::new(AtomicBool::new(false));
+        let hup = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
+        signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
+        let status_every = Duration::from_secs(self.config.status.interval_secs);
+        let poll_every = Duration::from_millis(self.config.server.keystore_poll_ms.max(50));
+        let mut next_status = Instant::now() + status_every;
+        let mut next_poll = Instant::now() + poll_every;
+        while !term.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = Instant::now();
+            let reload = hup.swap(false, Ordering::Relaxed)
+                || (now >= next_poll && self.keystore_changed());
+            if now >= next_poll {
+                next_poll = now + poll_every;
+            }
+            if reload {
+                if let Err(e) = self.reload_keystore() {
+                    tracing::error!("keystore reload failed, keeping the current one: {e}");
+                }
+            }
+            if now >= next_status {
+                next_status = now + status_every;
+                self.recompute_status();
+            }
+        }
+        tracing::info!("shutting down");
+        let t = Instant::now();
+        self.shutdown();
+        tracing::info!("stopped in {:.0} ms", t.elapsed().as_secs_f64() * 1000.0);
+        Ok(())
+    }
+}
+
+/// The driver that `auto` resolves to here (for `--help` and diagnostics).
+pub fn describe_driver_choice(kind: DriverKind) -> String {
+    match probe::choose(kind) {
+        Ok(Chosen::Uring) => "uring".into(),
+        Ok(Chosen::Epoll(None)) => "epoll".into(),
+        Ok(Chosen::Epoll(Some(why))) => format!("epoll ({why})"),
+        Err(why) => format!("unusable: {why}"),
+    }
+}

@@ -1,1 +1,364 @@
-//! placeholder
+//! The one module that touches rustls (the 0.23 line, its *unbuffered* API).
+//!
+//! The caller owns every buffer: received ciphertext stays in the driver's receive buffer (or,
+//! when a record is cut in two, in a small per-connection `partial` buffer until it is whole);
+//! encrypted output is appended to the caller's `Vec`. An idle session therefore holds no
+//! read or write buffer — only rustls's own protocol state (≈ 3–4 KB).
+//!
+//! [`TlsSession::receive`] runs the unbuffered state machine over the received bytes and hands
+//! decrypted application data to a callback, which appends any plaintext reply to a staging
+//! `Vec`; the staged plaintext is encrypted as soon as rustls allows writing. Keeping the
+//! rustls API behind this file means the 0.23 → 0.24 change (which replaces the unbuffered
+//! API) touches nothing else.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{NoServerSessionStorage, ServerConfig, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
+use rustls::{CipherSuite, ProtocolVersion, SupportedCipherSuite};
+
+use crate::config::{TlsConfig, TlsVersion};
+use crate::pki::Keystore;
+
+/// TLS errors. All are fatal for the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The peer sent something rustls refused (bad record, failed handshake, alert, …).
+    #[error("TLS: {0}")]
+    Peer(#[from] rustls::Error),
+    /// The server configuration could not be built from the keystore (local fault).
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    /// An unexpected state of the unbuffered API (local fault).
+    #[error("TLS state: {0}")]
+    State(&'static str),
+}
+
+/// Builds the server configuration: protocol range from config, AES-128-GCM preferred
+/// (measurably cheaper per handshake and per byte here than AES-256), stateless session
+/// tickets for resumption, ALPN `http/1.1`.
+pub fn server_config(keystore: &Keystore, cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(provider());
+    let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
+    if cfg.min_version <= TlsVersion::Tls13 && cfg.max_version >= TlsVersion::Tls13 {
+        versions.push(&rustls::version::TLS13);
+    }
+    if cfg.min_version <= TlsVersion::Tls12 {
+        versions.push(&rustls::version::TLS12);
+    }
+    let mut sc = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&versions)
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(keystore.chain.clone(), keystore.key.clone_key())
+        .map_err(|e| TlsError::Config(format!("keystore certificate/key: {e}")))?;
+    sc.ignore_client_order = true;
+    sc.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if cfg.session_tickets {
+        sc.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
+            .map_err(|e| TlsError::Config(format!("session ticketer: {e}")))?;
+        // Stateless tickets only: a shared session cache would be a lock on the handshake path.
+        sc.session_storage = Arc::new(NoServerSessionStorage {});
+        sc.send_tls13_tickets = 1;
+    } else {
+        sc.session_storage = Arc::new(NoServerSessionStorage {});
+        sc.send_tls13_tickets = 0;
+    }
+    Ok(Arc::new(sc))
+}
+
+/// aws-lc-rs with the cipher suites reordered: AES-128-GCM first in each version.
+fn provider() -> CryptoProvider {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    let rank = |s: &SupportedCipherSuite| match s.suite() {
+        CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => 2,
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => 3,
+        CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 4,
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => 5,
+        CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => 6,
+        _ => 10,
+    };
+    p.cipher_suites.sort_by_key(rank);
+    p
+}
+
+/// Protocol version and cipher suite of an established session, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// TLS version.
+    pub version: ProtocolVersion,
+    /// Cipher suite.
+    pub suite: CipherSuite,
+}
+
+/// What [`TlsSession::receive`] found out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// The handshake completed during this call.
+    pub handshake_done: bool,
+    /// The peer sent close_notify.
+    pub peer_closed: bool,
+}
+
+/// One server-side TLS session with caller-owned buffers.
+pub struct TlsSession {
+    conn: UnbufferedServerConnection,
+    /// Bytes of an incomplete record, kept until the rest arrives. `None` when idle.
+    partial: Option<Vec<u8>>,
+    established: bool,
+    close_notify_sent: bool,
+}
+
+impl std::fmt::Debug for TlsSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSession")
+            .field("established", &self.established)
+            .field("partial", &self.partial.as_ref().map(Vec::len))
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsSession {
+    /// A new session awaiting a ClientHello.
+    pub fn new(config: Arc<ServerConfig>) -> Result<Self, TlsError> {
+        Ok(Self {
+            conn: UnbufferedServerConnection::new(config)?,
+            partial: None,
+            established: false,
+            close_notify_sent: false,
+        })
+    }
+
+    /// The handshake has completed.
+    pub fn is_established(&self) -> bool {
+        self.established
+    }
+
+    /// Bytes held for an incomplete record.
+    pub fn partial_len(&self) -> usize {
+        self.partial.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Version and suite, once established.
+    pub fn negotiated(&self) -> Option<Negotiated> {
+        Some(Negotiated {
+            version: self.conn.protocol_version()?,
+            suite: self.conn.negotiated_cipher_suite()?.suite(),
+        })
+    }
+
+    /// Processes received ciphertext `input` (which may be modified).
+    ///
+    /// Decrypted application data is passed to `on_plaintext(data, staged_out)`; whatever the
+    /// callback appends to `staged_out` (plaintext) is encrypted into `out` once rustls allows
+    /// writing, and `staged_out` is cleared. Handshake records are appended to `out` too.
+    /// Bytes of an incomplete record are kept inside the session.
+    pub fn receive(
+        &mut self,
+        input: &mut [u8],
+        out: &mut Vec<u8>,
+        staged_out: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+        mut on_plaintext: impl FnMut(&mut [u8], &mut Vec<u8>),
+    ) -> Result<Progress, TlsError> {
+        let mut progress = Progress::default();
+        match self.partial.take() {
+            None => {
+                let used = self.process(input, out, staged_out, scratch, &mut on_plaintext, &mut progress)?;
+                if used < input.len() {
+                    self.partial = Some(input[used..].to_vec());
+                }
+            }
+            Some(mut held) => {
+                held.extend_from_slice(input);
+                let used = self.process(&mut held, out, staged_out, scratch, &mut on_plaintext, &mut progress)?;
+                if used < held.len() {
+                    held.drain(..used);
+                    self.partial = Some(held);
+                }
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Runs the state machine over `buf`; returns how many bytes were consumed.
+    fn process(
+        &mut self,
+        buf: &mut [u8],
+        out: &mut Vec<u8>,
+        staged_out: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+        on_plaintext: &mut impl FnMut(&mut [u8], &mut Vec<u8>),
+        progress: &mut Progress,
+    ) -> Result<usize, TlsError> {
+        let mut start = 0;
+        loop {
+            let avail = buf.len() - start;
+            let status = self.conn.process_tls_records(&mut buf[start..]);
+            let discard = status.discard;
+            let mut stop = false;
+            let state = status.state?;
+            tracing::trace!(?state, discard, avail, "tls state");
+            match state {
+                ConnectionState::ReadTraffic(mut r) => {
+                    // Application data means the handshake is over, even if rustls has not
+                    // offered WriteTraffic yet (TLS 1.3: Finished and data in one read).
+                    if !self.established {
+                        self.established = true;
+                        progress.handshake_done = true;
+                    }
+                    scratch.clear();
+                    while let Some(rec) = r.next_record() {
+                        scratch.extend_from_slice(rec?.payload);
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut e) => {
+                    encode_with(out, 2048, |dst| e.encode(dst).map_err(encode_needed))?;
+                }
+                ConnectionState::TransmitTlsData(t) => {
+                    // The bytes are in `out`; the shard transmits them. Application data may
+                    // already be allowed (TLS 1.3 server after its Finished).
+                    t.done();
+                }
+                ConnectionState::BlockedHandshake => stop = true,
+                ConnectionState::WriteTraffic(mut w) => {
+                    if !self.established {
+                        self.established = true;
+                        progress.handshake_done = true;
+                    }
+                    if !staged_out.is_empty() {
+                        encrypt_into(&mut w, staged_out, out)?;
+                        staged_out.clear();
+                    }
+                    stop = true;
+                }
+                ConnectionState::PeerClosed => progress.peer_closed = true,
+                ConnectionState::Closed => stop = true,
+                ConnectionState::ReadEarlyData(_) => {
+                    return Err(TlsError::State("early data is not enabled"));
+                }
+                _ => return Err(TlsError::State("unknown unbuffered TLS state")),
+            }
+            start += discard;
+            if !scratch.is_empty() {
+                on_plaintext(&mut scratch[..], staged_out);
+                scratch.clear();
+                continue;
+            }
+            if stop {
+                return Ok(start);
+            }
+        }
+    }
+
+    /// Encrypts `plain` into `out` outside of [`TlsSession::receive`] (timers, shutdown).
+    pub fn send(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
+        if plain.is_empty() {
+            return Ok(());
+        }
+        self.with_write(|w| encrypt_into(w, plain, out))
+    }
+
+    /// Appends a close_notify alert to `out` (once).
+    pub fn close_notify(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
+        if self.close_notify_sent || !self.established {
+            return Ok(());
+        }
+        self.close_notify_sent = true;
+        self.with_write(|w| {
+            encode_with(out, 64, |dst| {
+                w.queue_close_notify(dst).map_err(encrypt_needed)
+            })
+        })
+    }
+
+    fn with_write(
+        &mut self,
+        f: impl FnOnce(
+            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
+        ) -> Result<(), TlsError>,
+    ) -> Result<(), TlsError> {
+        let status = self.conn.process_tls_records(&mut []);
+        match status.state? {
+            ConnectionState::WriteTraffic(mut w) => f(&mut w),
+            _ => Err(TlsError::State("cannot write: handshake not complete or session closed")),
+        }
+    }
+}
+
+/// Either the required size (retry with it) or a fatal error.
+enum Need {
+    Size(usize),
+    Fatal(TlsError),
+}
+
+fn encode_needed(e: EncodeError) -> Need {
+    match e {
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Need::Size(required_size)
+        }
+        EncodeError::AlreadyEncoded => Need::Fatal(TlsError::State("record already encoded")),
+    }
+}
+
+fn encrypt_needed(e: EncryptError) -> Need {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Need::Size(required_size)
+        }
+        EncryptError::EncryptExhausted => {
+            Need::Fatal(TlsError::State("encryption limit of the session reached"))
+        }
+    }
+}
+
+/// Calls `f` with writable space at the end of `out`, growing it when `f` asks for more.
+fn encode_with(
+    out: &mut Vec<u8>,
+    guess: usize,
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, Need>,
+) -> Result<(), TlsError> {
+    let base = out.len();
+    let mut room = guess;
+    loop {
+        out.resize(base + room, 0);
+        match f(&mut out[base..]) {
+            Ok(n) => {
+                out.truncate(base + n);
+                return Ok(());
+            }
+            Err(Need::Size(required)) if required > room => room = required,
+            Err(Need::Size(_)) => {
+                out.truncate(base);
+                return Err(TlsError::State("encoder asked for less room than it had"));
+            }
+            Err(Need::Fatal(e)) => {
+                out.truncate(base);
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn encrypt_into(
+    w: &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
+    plain: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), TlsError> {
+    // One record per 16 KiB of plaintext plus ≤ 22 bytes of overhead each (TLS 1.3) or
+    // 29 (TLS 1.2 GCM); 64 is a safe bound.
+    let guess = plain.len() + (plain.len() / 16384 + 1) * 64;
+    encode_with(out, guess, |dst| w.encrypt(plain, dst).map_err(encrypt_needed))
+}
+
+/// Version name for logs and metric labels.
+pub fn version_label(v: ProtocolVersion) -> &'static str {
+    match v {
+        ProtocolVersion::TLSv1_3 => "1.3",
+        ProtocolVersion::TLSv1_2 => "1.2",
+        _ => "other",
+    }
+}

@@ -1,1 +1,429 @@
-//! placeholder
+//! A shard: one thread, one driver (ring or epoll), one listener, one slab of connections,
+//! one timer wheel, one output-buffer pool. Nothing here is shared with other shards except
+//! the read-mostly status cell and the per-shard counter blocks (each written by its owner).
+//!
+//! The loop: expire due timer hints → poll the driver (bounded by the next timer tick) →
+//! dispatch each event to its connection → act on what the connection asks for (send, pause,
+//! close) → drain commands from the control thread when woken.
+
+pub mod conn;
+pub mod timer;
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::{Duration, Instant};
+
+use rustls::ServerConfig;
+use slab::Slab;
+
+use crate::buf::VecPool;
+use crate::driver::{ConnKey, Driver, Event};
+use crate::metrics::{ErrorKind, ShardStats};
+use crate::status::StatusCell;
+use crate::tls::TlsSession;
+use conn::{After, Conn, Cx, Settings};
+use timer::TimerWheel;
+
+/// Messages from the control thread to a shard.
+#[derive(Debug)]
+pub enum Command {
+    /// Use this TLS configuration for new connections (certificate swap). Connections
+    /// already open keep their session.
+    TlsConfig(Arc<ServerConfig>),
+    /// Stop accepting, close WebSockets with 1001, exit when all are closed or `drain` has
+    /// passed.
+    Shutdown {
+        /// Longest wait for peers to answer the close.
+        drain: Duration,
+    },
+}
+
+/// What a shard shares with the rest of the process.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Every shard's counters; this shard writes `stats[id]`.
+    pub stats: Arc<[ShardStats]>,
+    /// The cached health.
+    pub status: Arc<StatusCell>,
+}
+
+/// A shard's state. Generic over the backend so both compile to direct calls.
+pub struct Shard<D: Driver> {
+    id: usize,
+    driver: D,
+    conns: Slab<Conn>,
+    generations: Vec<u32>,
+    max_conns: usize,
+    accepting: bool,
+    settings: Settings,
+    tls_config: Arc<ServerConfig>,
+    wheel: TimerWheel,
+    pool: VecPool,
+    scratch: Vec<u8>,
+    staged: Vec<u8>,
+    shared: Shared,
+    commands: Receiver<Command>,
+    epoch: Instant,
+    drain_until: Option<u64>,
+}
+
+impl<D: Driver> std::fmt::Debug for Shard<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("id", &self.id)
+            .field("driver", &self.driver.name())
+            .field("connections", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Driver> Shard<D> {
+    /// A shard over `driver`, which is already listening.
+    pub fn new(
+        id: usize,
+        driver: D,
+        max_conns: usize,
+        settings: Settings,
+        tls_config: Arc<ServerConfig>,
+        shared: Shared,
+        commands: Receiver<Command>,
+    ) -> Self {
+        Self {
+            id,
+            driver,
+            conns: Slab::new(),
+            generations: Vec::new(),
+            max_conns,
+            accepting: true,
+            settings,
+            tls_config,
+            wheel: TimerWheel::new(),
+            pool: VecPool::new(1024, 256 * 1024),
+            scratch: Vec::with_capacity(16 * 1024),
+            staged: Vec::with_capacity(16 * 1024),
+            shared,
+            commands,
+            epoch: Instant::now(),
+            drain_until: None,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn stats(&self) -> &ShardStats {
+        &self.shared.stats[self.id]
+    }
+
+    /// Runs until shut down.
+    pub fn run(mut self) {
+        let mut events: Vec<Event<D::Socket>> = Vec::with_capacity(1024);
+        let mut due = Vec::new();
+        loop {
+            let now = self.now_ms();
+            self.wheel.advance(now, &mut due);
+            for (slot, generation, tick) in due.drain(..) {
+                self.on_timer(slot, generation, tick, now);
+            }
+            if let Some(until) = self.drain_until {
+                if self.conns.is_empty() || now >= until {
+                    break;
+                }
+            }
+            let wait = self.wheel.next_wake_ms(now).unwrap_or(1000).max(1);
+            if let Err(e) = self
+                .driver
+                .poll(&mut events, Some(Duration::from_millis(wait)))
+            {
+                tracing::error!(shard = self.id, error = %e, "driver poll failed; shard stops");
+                break;
+            }
+            for ev in events.drain(..) {
+                self.on_event(ev);
+            }
+        }
+        tracing::debug!(shard = self.id, left = self.conns.len(), "shard stopped");
+    }
+
+    fn key(&self, slot: usize) -> ConnKey {
+        ConnKey {
+            slot: slot as u32,
+            generation: self.generations[slot],
+        }
+    }
+
+    fn live(&self, key: ConnKey) -> bool {
+        let slot = key.slot as usize;
+        self.conns.contains(slot) && self.generations.get(slot) == Some(&key.generation)
+    }
+
+    fn on_event(&mut self, ev: Event<D::Socket>) {
+        match ev {
+            Event::Accepted { sock, peer } => self.on_accept(sock, peer),
+            Event::AcceptError(e) => {
+                self.stats().error(ErrorKind::Accept);
+                tracing::warn!(shard = self.id, error = %e, "accept failed");
+            }
+            Event::Data { key, buf, len } => {
+                if !self.live(key) || self.conns[key.slot as usize].closing {
+                    self.driver.recycle(buf);
+                    return;
+                }
+                ShardStats::add(&self.shared.stats[self.id].bytes_in, len as u64);
+                let now = self.now_ms();
+                let Self {
+                    driver,
+                    conns,
+                    settings,
+                    shared,
+                    scratch,
+                    staged,
+                    pool,
+                    id,
+                    ..
+                } = self;
+                let name = driver.name();
+                let input = driver.buf_mut(buf, len);
+                let mut cx = Cx {
+                    now_ms: now,
+                    settings,
+                    stats: &shared.stats[*id],
+                    all_stats: &shared.stats,
+                    status: &shared.status,
+                    driver: name,
+                    scratch,
+                    staged,
+                    pool,
+                };
+                conns[key.slot as usize].on_data(input, &mut cx);
+                self.driver.recycle(buf);
+                self.act(key.slot as usize);
+            }
+            Event::Eof { key } => {
+                if self.live(key) {
+                    self.conns[key.slot as usize].on_eof();
+                    self.act(key.slot as usize);
+                }
+            }
+            Event::RecvError { key, err } => {
+                if self.live(key) {
+                    tracing::debug!(shard = self.id, error = %err, "receive failed");
+                    self.stats().error(ErrorKind::Recv);
+                    self.abort(key.slot as usize);
+                }
+            }
+            Event::SendDone { key, buf, result } => {
+                self.pool.give(buf);
+                if !self.live(key) {
+                    return;
+                }
+                self.conns[key.slot as usize].in_flight = 0;
+                match result {
+                    Ok(()) => self.act(key.slot as usize),
+                    Err(e) => {
+                        tracing::debug!(shard = self.id, error = %e, "send failed");
+                        self.stats().error(ErrorKind::Send);
+                        self.abort(key.slot as usize);
+                    }
+                }
+            }
+            Event::Closed { key } => {
+                if self.live(key) {
+                    let slot = key.slot as usize;
+                    let conn = self.conns.remove(slot);
+                    self.generations[slot] =
+                        (self.generations[slot] + 1) & ConnKey::GENERATION_MASK;
+                    conn::uncount(self.stats(), conn.endpoint());
+                    ShardStats::dec(&self.stats().connections);
+                    if let Some(b) = (conn.out.capacity() > 0).then_some(conn.out) {
+                        self.pool.give(b);
+                    }
+                    if !self.accepting && self.drain_until.is_none() {
+                        self.accepting = true;
+                        self.driver.set_accepting(true);
+                    }
+                }
+            }
+            Event::Wake => self.on_commands(),
+        }
+    }
+
+    fn on_accept(&mut self, sock: D::Socket, peer: Option<std::net::SocketAddr>) {
+        if self.drain_until.is_some() {
+            self.driver.reject(sock);
+            return;
+        }
+        if self.conns.len() >= self.max_conns {
+            self.stats().error(ErrorKind::ShardFull);
+            self.driver.reject(sock);
+            self.accepting = false;
+            self.driver.set_accepting(false);
+            return;
+        }
+        let tls = match TlsSession::new(self.tls_config.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a TLS session");
+                self.driver.reject(sock);
+                return;
+            }
+        };
+        let now = self.now_ms();
+        let slot = self.conns.insert(Conn::new(tls, now));
+        if self.generations.len() <= slot {
+            self.generations.resize(slot + 1, 0);
+        }
+        let key = self.key(slot);
+        if let Err(e) = self.driver.attach(key, sock) {
+            tracing::warn!(error = %e, "cannot register connection");
+            self.conns.remove(slot);
+            return;
+        }
+        ShardStats::inc(&self.stats().accepted);
+        ShardStats::inc(&self.stats().connections);
+        tracing::trace!(shard = self.id, ?peer, slot, "accepted");
+        self.act(slot);
+        if self.conns.len() >= self.max_conns {
+            self.accepting = false;
+            self.driver.set_accepting(false);
+        }
+    }
+
+    fn on_timer(&mut self, slot: u32, generation: u32, tick: u64, now: u64) {
+        let key = ConnKey { slot, generation };
+        if !self.live(key) {
+            return;
+        }
+        let slot = slot as usize;
+        {
+            let c = &mut self.conns[slot];
+            if c.closing {
+                return;
+            }
+            if c.hint_tick != tick {
+                return; // a stale duplicate; an earlier or later hint is pending
+            }
+            c.hint_tick = u64::MAX;
+        }
+        self.with_cx(now, slot, |c, cx| {
+            c.on_timer(cx);
+        });
+        self.act(slot);
+    }
+
+    fn with_cx(&mut self, now: u64, slot: usize, f: impl FnOnce(&mut Conn, &mut Cx<'_>)) {
+        let Self {
+            driver,
+            conns,
+            settings,
+            shared,
+            scratch,
+            staged,
+            pool,
+            id,
+            ..
+        } = self;
+        let mut cx = Cx {
+            now_ms: now,
+            settings,
+            stats: &shared.stats[*id],
+            all_stats: &shared.stats,
+            status: &shared.status,
+            driver: driver.name(),
+            scratch,
+            staged,
+            pool,
+        };
+        f(&mut conns[slot], &mut cx);
+    }
+
+    fn abort(&mut self, slot: usize) {
+        let key = self.key(slot);
+        let c = &mut self.conns[slot];
+        if !c.closing {
+            c.closing = true;
+            self.driver.close(key);
+        }
+    }
+
+    /// Does what the connection asks for: send, pause/resume, close, re-arm its timer.
+    fn act(&mut self, slot: usize) {
+        let key = self.key(slot);
+        let max_q = self.settings.max_queued_output;
+        let c = &mut self.conns[slot];
+        if c.closing {
+            return;
+        }
+        let after = c.after();
+        if after == After::Abort {
+            c.closing = true;
+            self.driver.close(key);
+            return;
+        }
+        if c.in_flight == 0 && !c.out.is_empty() {
+            let buf = std::mem::take(&mut c.out);
+            c.in_flight = buf.len();
+            ShardStats::add(&self.shared.stats[self.id].bytes_out, buf.len() as u64);
+            self.driver.send(key, buf);
+        }
+        let c = &mut self.conns[slot];
+        if after == After::CloseAfterFlush && c.in_flight == 0 && c.out.is_empty() {
+            c.closing = true;
+            self.driver.close(key);
+            return;
+        }
+        if !c.paused && c.queued() > max_q {
+            c.paused = true;
+            self.shared.stats[self.id].error(ErrorKind::Backpressure);
+            self.driver.pause_recv(key);
+        } else if c.paused && c.queued() <= max_q / 2 {
+            c.paused = false;
+            self.driver.resume_recv(key);
+        }
+        let deadline = c.deadline(&self.settings);
+        if self.wheel.tick_of(deadline) < c.hint_tick {
+            c.hint_tick = self.wheel.insert(deadline, key.slot, key.generation);
+        }
+    }
+
+    fn on_commands(&mut self) {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::TlsConfig(cfg)) => {
+                    tracing::debug!(shard = self.id, "new TLS configuration");
+                    self.tls_config = cfg;
+                }
+                Ok(Command::Shutdown { drain }) => self.begin_shutdown(drain),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    // The control thread is gone: shut down.
+                    if self.drain_until.is_none() {
+                        self.begin_shutdown(Duration::from_millis(500));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self, drain: Duration) {
+        if self.drain_until.is_some() {
+            return;
+        }
+        let now = self.now_ms();
+        self.drain_until = Some(now + drain.as_millis() as u64);
+        self.accepting = false;
+        self.driver.close_listener();
+        let slots: Vec<usize> = self.conns.iter().map(|(s, _)| s).collect();
+        for slot in slots {
+            if self.conns[slot].closing {
+                continue;
+            }
+            self.with_cx(now, slot, |c, cx| {
+                c.shutdown(cx);
+            });
+            self.act(slot);
+        }
+    }
+}

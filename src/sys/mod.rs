@@ -1,1 +1,142 @@
-//! placeholder
+//! The few raw OS calls the gateway needs outside the io_uring driver: eventfd, CPU pinning,
+//! the open-file limit and the host name. Every libc call goes through [`cvt`], which turns
+//! a `-1` into `io::Error::last_os_error()`.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Converts a libc return value into an `io::Result`.
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A non-blocking, close-on-exec eventfd used to wake a shard's loop from other threads.
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    /// Creates a new eventfd with counter 0.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd takes no pointers; a non-negative return is a fresh fd we now own.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Adds 1 to the counter, waking whoever polls the fd. Never blocks; a full counter
+    /// (EAGAIN) already means "wake", so it is not an error.
+    pub fn notify(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an fd we own.
+        let ret = unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                (&raw const one).cast::<libc::c_void>(),
+                8,
+            )
+        };
+        debug_assert!(ret == 8 || io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock);
+    }
+
+    /// Resets the counter to 0; returns the value it had (0 if it was already 0).
+    pub fn drain(&self) -> u64 {
+        let mut value: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 from an fd we own.
+        let ret = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&raw mut value).cast::<libc::c_void>(),
+                8,
+            )
+        };
+        if ret == 8 { value } else { 0 }
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: `cpu` is below CPU_SETSIZE, checked above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: passes a pointer to a live cpu_set_t and its exact size; pid 0 = this thread.
+    cvt(unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) })?;
+    Ok(())
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the resulting soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the live struct we pass.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the live struct we pass.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// The system's host name (empty if it cannot be read).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the live buffer.
+    let ret = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if ret != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Resident set size of this process in bytes (from /proc/self/statm), if readable.
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf takes no pointers.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(4096) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eventfd_counts_and_drains() {
+        let e = EventFd::new().unwrap();
+        assert_eq!(e.drain(), 0);
+        e.notify();
+        e.notify();
+        assert_eq!(e.drain(), 2);
+        assert_eq!(e.drain(), 0);
+    }
+
+    #[test]
+    fn hostname_and_rss_are_readable() {
+        assert!(!hostname().is_empty());
+        assert!(rss_bytes().unwrap() > 0);
+    }
+}

@@ -1,0 +1,1 @@
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fleetgate::fuzzing::http::head(data));

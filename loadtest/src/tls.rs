@@ -1,0 +1,167 @@
+//! rustls configurations: the devices' client side (trust a given CA, the system roots, or
+//! nothing) and the baseline server's side.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use serde::{Deserialize, Serialize};
+
+/// How devices decide to trust the server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Trust {
+    /// Certificates in this PEM file are the roots (fleetgate: `DATA_DIR/root.pem`).
+    Ca(PathBuf),
+    /// The system CA bundle (`SSL_CERT_FILE` or the usual distribution paths).
+    System,
+    /// Accept any certificate (still checks the handshake signatures).
+    Insecure,
+}
+
+/// Which TLS versions devices offer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ValueEnum)]
+pub enum TlsVersions {
+    /// TLS 1.2 and 1.3 (the server picks; normally 1.3).
+    Any,
+    #[value(name = "1.2")]
+    Tls12,
+    #[value(name = "1.3")]
+    Tls13,
+}
+
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The client configuration every device of a worker shares. Session resumption is off:
+/// each simulated device is a distinct device, so every connect is a full handshake.
+pub fn client_config(trust: &Trust, versions: TlsVersions) -> Result<Arc<ClientConfig>> {
+    let versions: &[&rustls::SupportedProtocolVersion] = match versions {
+        TlsVersions::Any => rustls::ALL_VERSIONS,
+        TlsVersions::Tls12 => &[&rustls::version::TLS12],
+        TlsVersions::Tls13 => &[&rustls::version::TLS13],
+    };
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .context("TLS versions")?;
+    let mut config = match trust {
+        Trust::Insecure => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(
+                provider().signature_verification_algorithms,
+            )))
+            .with_no_client_auth(),
+        Trust::Ca(path) => builder
+            .with_root_certificates(load_roots(path)?)
+            .with_no_client_auth(),
+        Trust::System => {
+            let path = std::env::var_os("SSL_CERT_FILE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    SYSTEM_BUNDLES
+                        .iter()
+                        .map(PathBuf::from)
+                        .find(|p| p.exists())
+                })
+                .context(
+                    "no --ca given and no system CA bundle found: pass --ca FILE \
+                     (fleetgate: DATA_DIR/root.pem) or --insecure",
+                )?;
+            builder
+                .with_root_certificates(load_roots(&path)?)
+                .with_no_client_auth()
+        }
+    };
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    let mut count = 0;
+    for cert in CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read CA file {}", path.display()))?
+    {
+        let cert = cert.with_context(|| format!("bad PEM in CA file {}", path.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("unusable CA certificate in {}", path.display()))?;
+        count += 1;
+    }
+    if count == 0 {
+        bail!("CA file {} holds no certificates", path.display());
+    }
+    Ok(roots)
+}
+
+/// The baseline server's configuration: rustls defaults (TLS 1.2 + 1.3, its cipher order).
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("cannot read certificate file {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("bad PEM in {}", cert.display()))?;
+    if chain.is_empty() {
+        bail!("{} holds no certificates", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("cannot read a private key from {}", key.display()))?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("certificate and key do not fit together")?;
+    Ok(Arc::new(config))
+}
+
+/// `--insecure`: trusts any certificate but still verifies handshake signatures, so the
+/// server does the same cryptographic work as with a trusted client.
+#[derive(Debug)]
+struct AcceptAnyCertificate(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}

@@ -1,0 +1,3 @@
+//! Command-line front ends over the library (`fleetgate <command> …`).
+
+pub mod pki;

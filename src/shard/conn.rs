@@ -1,0 +1,703 @@
+//! One client connection: TLS, then HTTP requests, then (after an upgrade) WebSocket.
+//!
+//! The connection is driven by its shard with received bytes, end-of-stream, timer checks and
+//! shutdown; it never touches a socket. What it wants sent accumulates in [`Conn::out`]
+//! (ciphertext), and [`Conn::after`] tells the shard whether to keep going, close once the
+//! output is flushed, or drop the connection at once.
+//!
+//! Phases, named for what they expect next:
+//! `Handshake` → `ExpectRequest` (keep-alive requests loop here) → `Open` (WebSocket) →
+//! `Closing` (we sent a close frame, waiting for the peer's) → `Draining` (flush, then TCP
+//! close). Failures jump to `Draining` with a last message (HTTP error status or WebSocket
+//! close code), or drop the connection when nothing useful can be said (TLS errors, timeouts
+//! before the handshake).
+
+use std::sync::atomic::AtomicU64;
+
+use crate::buf::VecPool;
+use crate::metrics::{ErrorKind, ShardStats};
+use crate::proto::http::{self, HttpLimits, Method, Parsed, RequestHead};
+use crate::proto::ws::{self, CloseCode, DataKind, Decoder, OpCode, Role, WsLimits};
+use crate::status::StatusCell;
+use crate::tls::TlsSession;
+
+/// Which WebSocket endpoint a connection upgraded on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/usg/endpoint`: a device.
+    Device,
+    /// `/usg/management`: a management server.
+    Management,
+    /// `/usg/echo`: the diagnostic echo (only with `enable_echo`).
+    Echo,
+}
+
+/// Path of the device endpoint (SPEC.md).
+pub const DEVICE_PATH: &str = "/usg/endpoint";
+/// Path of the management endpoint.
+pub const MANAGEMENT_PATH: &str = "/usg/management";
+/// Path of the diagnostic echo endpoint.
+pub const ECHO_PATH: &str = "/usg/echo";
+/// Path of the status check (SPEC.md).
+pub const STATUS_PATH: &str = "/usg/check-status";
+/// Path of the Prometheus metrics.
+pub const METRICS_PATH: &str = "/metrics";
+/// WebSocket subprotocols we accept, in our order of preference.
+pub const SUBPROTOCOLS: &[&str] = &["fleetgate.v1"];
+
+/// Limits and timeouts a shard applies to every connection (from the config).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// HTTP head limits.
+    pub http: HttpLimits,
+    /// WebSocket size limits.
+    pub ws: WsLimits,
+    /// TLS handshake deadline from accept.
+    pub handshake_timeout_ms: u64,
+    /// Request head deadline from the end of the handshake / the previous response.
+    pub head_timeout_ms: u64,
+    /// Silence after which the gateway pings.
+    pub ping_after_ms: u64,
+    /// Silence after which the gateway closes.
+    pub idle_timeout_ms: u64,
+    /// How long to wait for the peer's close frame, and for output to drain.
+    pub close_timeout_ms: u64,
+    /// Requests per keep-alive connection.
+    pub max_requests: u32,
+    /// Serve `/usg/echo`.
+    pub enable_echo: bool,
+    /// Output bytes queued per connection above which reading pauses.
+    pub max_queued_output: usize,
+}
+
+impl Settings {
+    /// Derives the settings from the configuration.
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        Self {
+            http: HttpLimits {
+                max_head_bytes: c.http.max_head_bytes,
+                max_headers: c.http.max_headers,
+            },
+            ws: WsLimits {
+                max_frame_size: c.websocket.max_frame_size,
+                max_message_size: c.websocket.max_message_size,
+            },
+            handshake_timeout_ms: c.tls.handshake_timeout_ms,
+            head_timeout_ms: c.http.head_timeout_ms,
+            ping_after_ms: c.websocket.ping_after_secs * 1000,
+            idle_timeout_ms: c.websocket.idle_timeout_secs * 1000,
+            close_timeout_ms: c.websocket.close_timeout_ms,
+            max_requests: c.http.max_requests_per_connection,
+            enable_echo: c.server.enable_echo,
+            max_queued_output: c.limits.max_queued_output,
+        }
+    }
+}
+
+/// Everything a connection needs from its shard while handling an input.
+pub struct Cx<'a> {
+    /// Milliseconds on the shard's monotonic clock.
+    pub now_ms: u64,
+    /// Limits and timeouts.
+    pub settings: &'a Settings,
+    /// This shard's counters.
+    pub stats: &'a ShardStats,
+    /// Every shard's counters (for `/metrics`).
+    pub all_stats: &'a [ShardStats],
+    /// The cached health.
+    pub status: &'a StatusCell,
+    /// Backend name (for `/metrics`).
+    pub driver: &'static str,
+    /// Reusable plaintext buffers of the shard.
+    pub scratch: &'a mut Vec<u8>,
+    /// Plaintext waiting to be encrypted (shard-owned, empty between calls).
+    pub staged: &'a mut Vec<u8>,
+    /// Output buffers.
+    pub pool: &'a mut VecPool,
+}
+
+/// What the shard should do with the connection after an input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Keep it; send `out` if any.
+    Continue,
+    /// Send what is in `out`, then close.
+    CloseAfterFlush,
+    /// Close now, dropping any output.
+    Abort,
+}
+
+#[derive(Debug)]
+struct Open {
+    endpoint: Endpoint,
+    decoder: Decoder,
+    pinged: bool,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Handshake,
+    ExpectRequest { head: Vec<u8>, served: u32 },
+    Open(Open),
+    Closing(Open),
+    Draining,
+}
+
+/// A connection. See the module docs.
+#[derive(Debug)]
+pub struct Conn {
+    tls: TlsSession,
+    phase: Phase,
+    /// Ciphertext waiting to be sent (no allocation when empty and idle).
+    pub out: Vec<u8>,
+    /// A send is in flight (its length), owned by the driver.
+    pub in_flight: usize,
+    /// Reading is paused for backpressure.
+    pub paused: bool,
+    /// The shard has asked the driver to close it.
+    pub closing: bool,
+    /// Where the connection is going (see [`After`]).
+    after: After,
+    /// When the current phase began (ms).
+    since_ms: u64,
+    /// When a byte last arrived (ms).
+    last_rx_ms: u64,
+    /// Timer-wheel tick of the earliest pending hint (u64::MAX = none).
+    pub hint_tick: u64,
+    /// The endpoint counted in the gauges, to uncount on close.
+    counted: Option<Endpoint>,
+    /// Ask TLS to append close_notify after the current output.
+    want_close_notify: bool,
+}
+
+impl Conn {
+    /// A connection accepted at `now_ms`, about to receive a ClientHello.
+    pub fn new(tls: TlsSession, now_ms: u64) -> Self {
+        Self {
+            tls,
+            phase: Phase::Handshake,
+            out: Vec::new(),
+            in_flight: 0,
+            paused: false,
+            closing: false,
+            after: After::Continue,
+            since_ms: now_ms,
+            last_rx_ms: now_ms,
+            hint_tick: u64::MAX,
+            counted: None,
+            want_close_notify: false,
+        }
+    }
+
+    /// What the shard should do now.
+    pub fn after(&self) -> After {
+        self.after
+    }
+
+    /// The endpoint this connection is counted under, if upgraded.
+    pub fn endpoint(&self) -> Option<Endpoint> {
+        self.counted
+    }
+
+    /// Whether the WebSocket is open (not closing), e.g. to count live devices.
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open(_))
+    }
+
+    /// Bytes queued or in flight.
+    pub fn queued(&self) -> usize {
+        self.out.len() + self.in_flight
+    }
+
+    /// Ciphertext received.
+    pub fn on_data(&mut self, input: &mut [u8], cx: &mut Cx<'_>) -> After {
+        if self.after != After::Continue && !matches!(self.phase, Phase::Closing(_)) {
+            // Draining: nothing more is read.
+            return self.after;
+        }
+        self.last_rx_ms = cx.now_ms;
+        if self.out.capacity() == 0 {
+            self.out = cx.pool.take();
+        }
+        let Conn {
+            tls,
+            phase,
+            after,
+            since_ms,
+            counted,
+            want_close_notify,
+            ..
+        } = self;
+        let was_established = tls.is_established();
+        let now = cx.now_ms;
+        let mut st = Handler {
+            phase,
+            after,
+            since_ms,
+            counted,
+            want_close_notify,
+            now,
+            settings: cx.settings,
+            stats: cx.stats,
+            all_stats: cx.all_stats,
+            status: cx.status,
+            driver: cx.driver,
+        };
+        let res = tls.receive(input, &mut self.out, cx.staged, cx.scratch, |plain, staged| {
+            st.plaintext(plain, staged)
+        });
+        cx.staged.clear();
+        match res {
+            Ok(progress) => {
+                if progress.handshake_done && !was_established {
+                    self.on_handshake(cx);
+                }
+                if progress.peer_closed && self.after == After::Continue {
+                    self.after = After::CloseAfterFlush;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "TLS error");
+                cx.stats.error(ErrorKind::Tls);
+                self.after = After::Abort;
+            }
+        }
+        self.finish_output(cx);
+        self.after
+    }
+
+    fn on_handshake(&mut self, cx: &mut Cx<'_>) {
+        if let Some(n) = self.tls.negotiated() {
+            let c = if crate::tls::version_label(n.version) == "1.3" {
+                &cx.stats.handshakes_tls13
+            } else {
+                &cx.stats.handshakes_tls12
+            };
+            ShardStats::inc(c);
+        }
+        if matches!(self.phase, Phase::Handshake) {
+            self.phase = Phase::ExpectRequest {
+                head: Vec::new(),
+                served: 0,
+            };
+            self.since_ms = cx.now_ms;
+        }
+    }
+
+    /// Appends close_notify if asked, and returns an unused output buffer to the pool.
+    fn finish_output(&mut self, cx: &mut Cx<'_>) {
+        if self.want_close_notify && self.after != After::Abort {
+            self.want_close_notify = false;
+            if self.tls.close_notify(&mut self.out).is_err() {
+                self.after = After::Abort;
+            }
+        }
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            cx.pool.give(std::mem::take(&mut self.out));
+        }
+    }
+
+    /// Encrypts a plaintext message produced outside `on_data` (pings, shutdown).
+    fn send_plain(&mut self, cx: &mut Cx<'_>) {
+        if cx.staged.is_empty() {
+            return;
+        }
+        if self.out.capacity() == 0 {
+            self.out = cx.pool.take();
+        }
+        if self.tls.send(cx.staged, &mut self.out).is_err() {
+            self.after = After::Abort;
+        }
+        cx.staged.clear();
+    }
+
+    /// The peer closed its side of TCP.
+    pub fn on_eof(&mut self) -> After {
+        if self.after == After::Continue || matches!(self.phase, Phase::Closing(_)) {
+            // Whatever is queued may still be read by a half-closed peer.
+            self.after = After::CloseAfterFlush;
+            self.phase = Phase::Draining;
+        }
+        self.after
+    }
+
+    /// When [`Conn::on_timer`] next has something to do (ms).
+    pub fn deadline(&self, s: &Settings) -> u64 {
+        match &self.phase {
+            Phase::Handshake => self.since_ms + s.handshake_timeout_ms,
+            Phase::ExpectRequest { .. } => self.since_ms + s.head_timeout_ms,
+            Phase::Open(o) => {
+                self.last_rx_ms + if o.pinged { s.idle_timeout_ms } else { s.ping_after_ms }
+            }
+            Phase::Closing(_) | Phase::Draining => self.since_ms + s.close_timeout_ms,
+        }
+    }
+
+    /// Checks the phase's deadline.
+    pub fn on_timer(&mut self, cx: &mut Cx<'_>) -> After {
+        let s = cx.settings;
+        if cx.now_ms < self.deadline(s) {
+            return self.after;
+        }
+        match &mut self.phase {
+            Phase::Handshake => {
+                cx.stats.error(ErrorKind::HandshakeTimeout);
+                self.after = After::Abort;
+            }
+            Phase::ExpectRequest { .. } => {
+                tracing::debug!(now = cx.now_ms, since = self.since_ms, "request head timeout");
+                cx.stats.error(ErrorKind::HeadTimeout);
+                http::write_response(cx.staged, 408, &[], None, b"", true);
+                self.send_plain(cx);
+                self.phase = Phase::Draining;
+                self.since_ms = cx.now_ms;
+                self.after = After::CloseAfterFlush;
+            }
+            Phase::Open(o) => {
+                if o.pinged || cx.now_ms >= self.last_rx_ms + s.idle_timeout_ms {
+                    cx.stats.error(ErrorKind::IdleTimeout);
+                    let _ = ws::encode_close(
+                        cx.staged,
+                        Some((CloseCode::GOING_AWAY, "idle timeout")),
+                        None,
+                    );
+                    self.send_plain(cx);
+                    self.want_close_notify = true;
+                    self.phase = Phase::Draining;
+                    self.since_ms = cx.now_ms;
+                    self.after = After::CloseAfterFlush;
+                } else {
+                    o.pinged = true;
+                    let _ = ws::encode_ping(cx.staged, b"fleetgate", None);
+                    self.send_plain(cx);
+                }
+            }
+            Phase::Closing(_) | Phase::Draining => self.after = After::Abort,
+        }
+        self.finish_output(cx);
+        self.after
+    }
+
+    /// Graceful shutdown: WebSockets get a 1001 close; other connections are dropped once
+    /// their output is flushed.
+    pub fn shutdown(&mut self, cx: &mut Cx<'_>) -> After {
+        match std::mem::replace(&mut self.phase, Phase::Draining) {
+            Phase::Open(o) => {
+                let _ = ws::encode_close(
+                    cx.staged,
+                    Some((CloseCode::GOING_AWAY, "gateway shutting down")),
+                    None,
+                );
+                self.send_plain(cx);
+                self.phase = Phase::Closing(o);
+                self.since_ms = cx.now_ms;
+            }
+            Phase::Closing(o) => self.phase = Phase::Closing(o),
+            Phase::Handshake => self.after = After::Abort,
+            Phase::ExpectRequest { .. } | Phase::Draining => {
+                if self.after == After::Continue {
+                    self.after = if self.queued() > 0 {
+                        After::CloseAfterFlush
+                    } else {
+                        After::Abort
+                    };
+                }
+            }
+        }
+        self.finish_output(cx);
+        self.after
+    }
+}
+
+/// The parts of a connection the plaintext handler may touch while TLS is borrowed.
+struct Handler<'a> {
+    phase: &'a mut Phase,
+    after: &'a mut After,
+    since_ms: &'a mut u64,
+    counted: &'a mut Option<Endpoint>,
+    want_close_notify: &'a mut bool,
+    now: u64,
+    settings: &'a Settings,
+    stats: &'a ShardStats,
+    all_stats: &'a [ShardStats],
+    status: &'a StatusCell,
+    driver: &'static str,
+}
+
+impl Handler<'_> {
+    fn plaintext(&mut self, mut data: &mut [u8], staged: &mut Vec<u8>) {
+        loop {
+            if data.is_empty() {
+                return;
+            }
+            match self.phase {
+                Phase::Handshake => {
+                    // Plaintext only flows once the handshake is complete.
+                    *self.phase = Phase::ExpectRequest {
+                        head: Vec::new(),
+                        served: 0,
+                    };
+                    *self.since_ms = self.now;
+                    continue;
+                }
+                Phase::Draining => return,
+                Phase::ExpectRequest { head, served } => {
+                    let served = *served;
+                    let (parsed, from_head) = if head.is_empty() {
+                        (http::parse_request(data, &self.settings.http), false)
+                    } else {
+                        head.extend_from_slice(data);
+                        (http::parse_request(head, &self.settings.http), true)
+                    };
+                    match parsed {
+                        Ok(Parsed::Incomplete) => {
+                            if !from_head {
+                                head.extend_from_slice(data);
+                            }
+                            return;
+                        }
+                        Ok(Parsed::Complete { head: req, consumed }) => {
+                            // Bytes after the head: from `data` directly, or from the
+                            // accumulated head buffer (copied out, since `data` was appended).
+                            let mut rest: Vec<u8> = Vec::new();
+                            if from_head {
+                                rest = head[consumed..].to_vec();
+                                *head = Vec::new();
+                            } else {
+                                data = &mut data[consumed..];
+                            }
+                            self.request(&req, served, staged);
+                            if rest.is_empty() {
+                                continue;
+                            }
+                            self.plaintext(&mut rest, staged);
+                            return;
+                        }
+                        Err(e) => {
+                            self.stats.error(ErrorKind::Http);
+                            let status = e.status();
+                            http::write_response(
+                                staged,
+                                status,
+                                &[],
+                                Some("text/plain"),
+                                format!("{e}\n").as_bytes(),
+                                true,
+                            );
+                            self.drain();
+                            return;
+                        }
+                    }
+                }
+                Phase::Open(_) | Phase::Closing(_) => {
+                    self.websocket(data, staged);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        *self.want_close_notify = true;
+        *self.phase = Phase::Draining;
+        *self.since_ms = self.now;
+        *self.after = After::CloseAfterFlush;
+    }
+
+    /// Answers one request (or upgrades).
+    fn request(&mut self, req: &RequestHead, served: u32, staged: &mut Vec<u8>) {
+        let keep_alive =
+            req.keep_alive() && !req.has_body() && served + 1 < self.settings.max_requests;
+        let endpoint = match req.path.as_str() {
+            DEVICE_PATH => Some(Endpoint::Device),
+            MANAGEMENT_PATH => Some(Endpoint::Management),
+            ECHO_PATH if self.settings.enable_echo => Some(Endpoint::Echo),
+            _ => None,
+        };
+        if let Some(endpoint) = endpoint {
+            match http::check_upgrade(req) {
+                Ok(up) => {
+                    let proto = http::negotiate_subprotocol(up.protocols, SUBPROTOCOLS);
+                    http::write_switching_protocols(staged, &up.accept, proto);
+                    ShardStats::inc(&self.stats.upgrades);
+                    let gauge = gauge(self.stats, endpoint);
+                    ShardStats::inc(gauge);
+                    *self.counted = Some(endpoint);
+                    *self.phase = Phase::Open(Open {
+                        endpoint,
+                        decoder: Decoder::new(Role::Server, self.settings.ws),
+                        pinged: false,
+                    });
+                    *self.since_ms = self.now;
+                }
+                Err(e) => {
+                    self.stats.error(ErrorKind::Http);
+                    let body = format!("{e}\n");
+                    http::write_response(
+                        staged,
+                        e.status(),
+                        e.headers(),
+                        Some("text/plain"),
+                        body.as_bytes(),
+                        true,
+                    );
+                    self.drain();
+                }
+            }
+            return;
+        }
+        ShardStats::inc(&self.stats.http_requests);
+        let (status, ctype, body, extra): (u16, &str, std::borrow::Cow<'_, str>, &[(&str, &str)]) =
+            match (req.path.as_str(), req.method) {
+                (STATUS_PATH, Method::Get | Method::Head) => (
+                    200,
+                    "application/json",
+                    self.status.get().json().into(),
+                    &[("Cache-Control", "no-store")],
+                ),
+                (METRICS_PATH, Method::Get | Method::Head) => (
+                    200,
+                    "text/plain; version=0.0.4",
+                    crate::metrics::render(
+                        self.all_stats,
+                        self.status.get(),
+                        self.driver,
+                        crate::sys::rss_bytes(),
+                    )
+                    .into(),
+                    &[],
+                ),
+                (STATUS_PATH | METRICS_PATH, _) => (
+                    405,
+                    "text/plain",
+                    "method not allowed\n".into(),
+                    &[("Allow", "GET, HEAD")],
+                ),
+                (ECHO_PATH | DEVICE_PATH | MANAGEMENT_PATH, _) => {
+                    (404, "text/plain", "not found\n".into(), &[])
+                }
+                _ => (404, "text/plain", "not found\n".into(), &[]),
+            };
+        if req.method == Method::Head {
+            http::write_head_response(
+                staged,
+                status,
+                extra,
+                Some(ctype),
+                body.len() as u64,
+                !keep_alive,
+            );
+        } else {
+            http::write_response(
+                staged,
+                status,
+                extra,
+                Some(ctype),
+                body.as_bytes(),
+                !keep_alive,
+            );
+        }
+        if keep_alive {
+            *self.phase = Phase::ExpectRequest {
+                head: Vec::new(),
+                served: served + 1,
+            };
+            *self.since_ms = self.now;
+        } else {
+            self.drain();
+        }
+    }
+
+    /// Runs the WebSocket decoder over `data`.
+    fn websocket(&mut self, data: &mut [u8], staged: &mut Vec<u8>) {
+        let mut pos = 0;
+        loop {
+            let (closing, open) = match self.phase {
+                Phase::Open(o) => (false, o),
+                Phase::Closing(o) => (true, o),
+                _ => return,
+            };
+            let endpoint = open.endpoint;
+            open.pinged = false;
+            let res = open.decoder.decode(&mut data[pos..]);
+            let (used, event) = match res {
+                Ok(x) => x,
+                Err(e) => {
+                    self.stats.error(ErrorKind::WebSocket);
+                    tracing::debug!(error = %e, "WebSocket protocol error");
+                    if !closing {
+                        let _ = ws::encode_close(staged, Some((e.close_code(), "")), None);
+                    }
+                    *self.want_close_notify = true;
+                    self.drain();
+                    return;
+                }
+            };
+            pos += used;
+            let Some(event) = event else {
+                if used == 0 || pos >= data.len() {
+                    return;
+                }
+                continue;
+            };
+            match event {
+                ws::Event::Data {
+                    kind,
+                    payload,
+                    first,
+                    last,
+                } => {
+                    if last {
+                        ShardStats::inc(&self.stats.ws_messages_in);
+                    }
+                    if endpoint == Endpoint::Echo && !closing {
+                        let opcode = match (first, kind) {
+                            (false, _) => OpCode::Continuation,
+                            (true, DataKind::Text) => OpCode::Text,
+                            (true, DataKind::Binary) => OpCode::Binary,
+                        };
+                        if first || last || !payload.is_empty() {
+                            let _ = ws::encode_frame(staged, last, opcode, None, payload);
+                        }
+                    }
+                }
+                ws::Event::Ping(p) => {
+                    if !closing {
+                        let _ = ws::encode_pong(staged, p, None);
+                    }
+                }
+                ws::Event::Pong(_) => {}
+                ws::Event::Close(frame) => {
+                    if !closing {
+                        // Echo the peer's code (RFC 6455 §5.5.1); an empty close gets an
+                        // empty close.
+                        let reply = frame.map(|f| (f.code, ""));
+                        let _ = ws::encode_close(staged, reply, None);
+                    }
+                    *self.want_close_notify = true;
+                    self.drain();
+                    return;
+                }
+            }
+            if pos >= data.len() {
+                // Let the decoder report events that need no more input (none expected).
+                continue;
+            }
+        }
+    }
+}
+
+fn gauge(stats: &ShardStats, e: Endpoint) -> &AtomicU64 {
+    match e {
+        Endpoint::Device => &stats.devices,
+        Endpoint::Management => &stats.management,
+        Endpoint::Echo => &stats.echo,
+    }
+}
+
+/// Uncounts a closed connection's endpoint gauge.
+pub fn uncount(stats: &ShardStats, e: Option<Endpoint>) {
+    if let Some(e) = e {
+        ShardStats::dec(gauge(stats, e));
+    }
+}
