@@ -9,7 +9,8 @@ UNIMPLEMENTED, FAILED) for each case group and in total, then lists every case t
 Exit status:
   0  every expected case in groups 1-10 ran and none FAILED
   1  a case in groups 1-10 FAILED (behavior or close behavior), or an expected case is missing
-  2  the report (or the expected list) cannot be read
+  2  the report (or the expected list) cannot be read (a report that does not exist while an
+     expected list does counts as every case missing: 1)
 
 NON-STRICT, INFORMATIONAL and UNIMPLEMENTED do not fail the run: NON-STRICT means a legal but
 lax reaction (e.g. failing a connection on invalid UTF-8 only at the end of a message),
@@ -63,7 +64,23 @@ def load_json(path, what):
     sys.exit(2)
 
 
-def summarise(agent, results, expected):
+def failure_reason(report_dir, result):
+    """One line from the per-case report explaining a FAILED verdict, or ''."""
+    name = result.get("reportfile")
+    if not name:
+        return ""
+    try:
+        with open(os.path.join(report_dir, name)) as f:
+            case = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return ""
+    if case.get("httpResponse") in (None, "", "?"):
+        return "opening handshake never completed: " + str(case.get("wasNotCleanReason"))
+    bad = case.get("resultClose") if case.get("behaviorClose") == "FAILED" else case.get("result")
+    return " ".join(str(bad or "").split())[:160]
+
+
+def summarise(agent, results, expected, report_dir):
     """Prints the tables for one agent; returns the number of gating problems."""
     missing = sorted((set(expected) - set(results)), key=case_key) if expected else []
     verdicts = {cid: verdict(r) for cid, r in results.items()}
@@ -94,6 +111,10 @@ def summarise(agent, results, expected):
             print(f"  {c:<10} {verdicts[c]:<14} behavior={r.get('behavior')} "
                   f"close={r.get('behaviorClose')} remoteCloseCode={r.get('remoteCloseCode')} "
                   f"report={r.get('reportfile')}")
+            if verdicts[c] == "FAILED":
+                reason = failure_reason(report_dir, r)
+                if reason:
+                    print(f"  {'':<10} {reason}")
     if missing:
         shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
         print(f"\nmissing ({len(missing)}): {shown}")
@@ -116,7 +137,13 @@ def main():
         expected_path = candidate if os.path.exists(candidate) else None
     expected = load_json(expected_path, "expected case list") if expected_path else None
 
-    index = load_json(args.index, "report")
+    if expected is not None and not os.path.exists(args.index):
+        # wstest died or timed out before writing its report: every expected case is missing.
+        print(f"autobahn_summary: no report at {args.index}: wstest did not finish",
+              file=sys.stderr)
+        index = {}
+    else:
+        index = load_json(args.index, "report")
     agents = [args.agent] if args.agent else sorted(index)
     if expected and expected.get("agent") and expected["agent"] not in agents:
         agents.append(expected["agent"])
@@ -135,7 +162,7 @@ def main():
             print(f"autobahn_summary: no results for agent {agent!r}", file=sys.stderr)
             problems += 1
             continue
-        problems += summarise(agent, results, wanted)
+        problems += summarise(agent, results, wanted, os.path.dirname(args.index) or ".")
 
     print("\nverdict: " + ("PASS" if problems == 0 else f"FAIL ({problems} failed or missing case(s) in 1-10)"))
     return 0 if problems == 0 else 1

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -36,6 +36,10 @@ pub struct BaselineArgs {
     /// tungstenite write buffer target per connection, bytes (default: tungstenite's 128 KiB)
     #[arg(long)]
     pub write_buffer: Option<usize>,
+    /// Listen backlog. tokio's `TcpListener::bind` gives 128 here, which overflows during a
+    /// fast ramp and turns into 1 s SYN retransmits that would be charged to the server
+    #[arg(long, default_value_t = 1024)]
+    pub backlog: u32,
     /// Runtime worker threads (default: tokio's, one per CPU)
     #[arg(long)]
     pub threads: Option<usize>,
@@ -86,8 +90,7 @@ async fn serve(args: BaselineArgs) -> Result<()> {
         }
         c
     });
-    let listener = TcpListener::bind(args.listen)
-        .await
+    let listener = listen(args.listen, args.backlog)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let scheme = if acceptor.is_some() { "wss" } else { "ws" };
     eprintln!(
@@ -140,6 +143,17 @@ async fn serve(args: BaselineArgs) -> Result<()> {
         counters.accepted.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// What `TcpListener::bind` does (SO_REUSEADDR, bind, listen), with a chosen backlog.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 async fn handle(

@@ -27,6 +27,12 @@
 //! a slow or hostile client never makes the gateway buffer more than that. The caller still
 //! owns the handshake *timeout* (this layer has no clock).
 //!
+//! Each call re-parses from the start of the buffer (nothing is kept between calls), so a
+//! client trickling a head byte by byte costs O(n²) in `max_head_bytes` over the
+//! connection's life. The caller can make that O(n) by calling again only when the newly
+//! arrived bytes contain `\n` (a head can only complete, or gain a field, at a line end);
+//! garbage is then refused at the next line end or at the size limit instead of at once.
+//!
 //! # Not supported (on purpose)
 //! * **Request bodies.** The gateway serves GETs only. [`RequestHead::has_body`] tells the
 //!   caller a body was announced: answer (400 on an upgrade path, 405/413 elsewhere) with
