@@ -395,9 +395,12 @@ mod tests {
 
     #[test]
     fn unknown_key_is_refused_with_its_name_and_line() {
-        let err = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nshardz = 2\n", "x".as_ref())
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml(
+            "[server]\nlisten = \"127.0.0.1:1\"\nshardz = 2\n",
+            "x".as_ref(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("shardz"), "{err}");
         assert!(err.contains("line 3"), "{err}");
     }
@@ -409,9 +412,11 @@ mod tests {
         let err = Config::from_toml("[limits]\nrecv_buffers_per_shard = 100\n", "x".as_ref())
             .unwrap_err();
         assert!(err.to_string().contains("power of two"), "{err}");
-        let err =
-            Config::from_toml("[tls]\nmin_version = \"1.3\"\nmax_version = \"1.2\"\n", "x".as_ref())
-                .unwrap_err();
+        let err = Config::from_toml(
+            "[tls]\nmin_version = \"1.3\"\nmax_version = \"1.2\"\n",
+            "x".as_ref(),
+        )
+        .unwrap_err();
         assert!(err.to_string().starts_with("tls.min_version"), "{err}");
     }
 

@@ -38,6 +38,9 @@ pub enum ErrorKind {
     Backpressure,
 }
 
+/// A metric name, its help text and how to read it from a shard's block.
+type Field = (&'static str, &'static str, fn(&ShardStats) -> &AtomicU64);
+
 const ERROR_KINDS: [(&str, ErrorKind); 11] = [
     ("accept", ErrorKind::Accept),
     ("tls", ErrorKind::Tls),
@@ -118,42 +121,85 @@ pub fn total(shards: &[ShardStats], f: impl Fn(&ShardStats) -> &AtomicU64) -> u6
 /// Renders all shards' counters plus process-wide facts in the Prometheus text format.
 pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u64>) -> String {
     let mut o = String::with_capacity(4096);
-    let per_shard: [(&str, &str, &str, fn(&ShardStats) -> &AtomicU64); 4] = [
-        ("fleetgate_connections", "gauge", "Open TCP connections per shard.", |s| &s.connections),
-        ("fleetgate_devices_connected", "gauge", "Open device WebSockets per shard.", |s| &s.devices),
-        ("fleetgate_management_connected", "gauge", "Open management WebSockets per shard.", |s| {
-            &s.management
-        }),
-        ("fleetgate_echo_connected", "gauge", "Open diagnostic echo WebSockets per shard.", |s| {
-            &s.echo
-        }),
+    let per_shard: [Field; 4] = [
+        (
+            "fleetgate_connections",
+            "Open TCP connections per shard.",
+            |s| &s.connections,
+        ),
+        (
+            "fleetgate_devices_connected",
+            "Open device WebSockets per shard.",
+            |s| &s.devices,
+        ),
+        (
+            "fleetgate_management_connected",
+            "Open management WebSockets per shard.",
+            |s| &s.management,
+        ),
+        (
+            "fleetgate_echo_connected",
+            "Open diagnostic echo WebSockets per shard.",
+            |s| &s.echo,
+        ),
     ];
-    for (name, kind, help, f) in per_shard {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (name, help, f) in per_shard {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
         for (i, s) in shards.iter().enumerate() {
             let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", get(f(s)));
         }
     }
-    let counters: [(&str, &str, fn(&ShardStats) -> &AtomicU64); 6] = [
-        ("fleetgate_accepted_total", "Accepted TCP connections.", |s| &s.accepted),
-        ("fleetgate_http_requests_total", "HTTP requests answered without an upgrade.", |s| {
-            &s.http_requests
-        }),
-        ("fleetgate_websocket_upgrades_total", "WebSocket upgrades.", |s| &s.upgrades),
-        ("fleetgate_websocket_messages_received_total", "WebSocket messages received.", |s| {
-            &s.ws_messages_in
-        }),
-        ("fleetgate_received_bytes_total", "Bytes received (TLS records).", |s| &s.bytes_in),
-        ("fleetgate_sent_bytes_total", "Bytes sent (TLS records).", |s| &s.bytes_out),
+    let counters: [Field; 6] = [
+        (
+            "fleetgate_accepted_total",
+            "Accepted TCP connections.",
+            |s| &s.accepted,
+        ),
+        (
+            "fleetgate_http_requests_total",
+            "HTTP requests answered without an upgrade.",
+            |s| &s.http_requests,
+        ),
+        (
+            "fleetgate_websocket_upgrades_total",
+            "WebSocket upgrades.",
+            |s| &s.upgrades,
+        ),
+        (
+            "fleetgate_websocket_messages_received_total",
+            "WebSocket messages received.",
+            |s| &s.ws_messages_in,
+        ),
+        (
+            "fleetgate_received_bytes_total",
+            "Bytes received (TLS records).",
+            |s| &s.bytes_in,
+        ),
+        (
+            "fleetgate_sent_bytes_total",
+            "Bytes sent (TLS records).",
+            |s| &s.bytes_out,
+        ),
     ];
     for (name, help, f) in counters {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
         let _ = writeln!(o, "{name} {}", total(shards, f));
     }
     let name = "fleetgate_tls_handshakes_total";
-    let _ = writeln!(o, "# HELP {name} Completed TLS handshakes by version.\n# TYPE {name} counter");
-    let _ = writeln!(o, "{name}{{version=\"1.2\"}} {}", total(shards, |s| &s.handshakes_tls12));
-    let _ = writeln!(o, "{name}{{version=\"1.3\"}} {}", total(shards, |s| &s.handshakes_tls13));
+    let _ = writeln!(
+        o,
+        "# HELP {name} Completed TLS handshakes by version.\n# TYPE {name} counter"
+    );
+    let _ = writeln!(
+        o,
+        "{name}{{version=\"1.2\"}} {}",
+        total(shards, |s| &s.handshakes_tls12)
+    );
+    let _ = writeln!(
+        o,
+        "{name}{{version=\"1.3\"}} {}",
+        total(shards, |s| &s.handshakes_tls13)
+    );
     let name = "fleetgate_errors_total";
     let _ = writeln!(o, "# HELP {name} Errors by kind.\n# TYPE {name} counter");
     for (label, kind) in ERROR_KINDS {
@@ -196,13 +242,19 @@ mod tests {
         ShardStats::inc(&shards[1].accepted);
         shards[0].error(ErrorKind::Tls);
         let text = render(&shards, Health::Warn, "epoll", Some(1234));
-        assert!(text.contains("fleetgate_connections{shard=\"0\"} 1\n"), "{text}");
-        assert!(text.contains("fleetgate_connections{shard=\"1\"} 2\n"), "{text}");
+        assert!(
+            text.contains("fleetgate_connections{shard=\"0\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetgate_connections{shard=\"1\"} 2\n"),
+            "{text}"
+        );
         assert!(text.contains("fleetgate_accepted_total 1\n"));
         assert!(text.contains("fleetgate_errors_total{kind=\"tls\"} 1\n"));
         assert!(text.contains("fleetgate_status{status=\"warn\"} 1\n"));
         assert!(text.contains("fleetgate_status{status=\"ok\"} 0\n"));
         assert!(text.contains("fleetgate_resident_memory_bytes 1234\n"));
-        assert_eq!(std::mem::align_of::<ShardStats>(), 64);
+        assert_eq!(align_of::<ShardStats>(), 64);
     }
 }

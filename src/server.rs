@@ -116,7 +116,10 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             boot.root_pem_path.display()
         );
     }
-    tracing::info!("root certificate fingerprint (SHA-256): {}", boot.fingerprint);
+    tracing::info!(
+        "root certificate fingerprint (SHA-256): {}",
+        boot.fingerprint
+    );
     let keystore = Keystore::load(&boot.keystore_path).map_err(|source| StartError::Pki {
         dir: data_dir.clone(),
         source,
@@ -183,14 +186,18 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                 }
                 if uring {
                     match UringDriver::new(dcfg) {
-                        Ok(d) => run_shard(id, d, listener, max_conns, settings, tls_config, shared, rx, ready),
+                        Ok(d) => run_shard(
+                            id, d, listener, max_conns, settings, tls_config, shared, rx, ready,
+                        ),
                         Err(e) => {
                             let _ = ready.send((id, Err(format!("io_uring setup: {e}"))));
                         }
                     }
                 } else {
                     match EpollDriver::new(dcfg) {
-                        Ok(d) => run_shard(id, d, listener, max_conns, settings, tls_config, shared, rx, ready),
+                        Ok(d) => run_shard(
+                            id, d, listener, max_conns, settings, tls_config, shared, rx, ready,
+                        ),
                         Err(e) => {
                             let _ = ready.send((id, Err(format!("epoll setup: {e}"))));
                         }
@@ -218,7 +225,11 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             }
         }
     }
-    let driver = if chosen == Chosen::Uring { "uring" } else { "epoll" };
+    let driver = if chosen == Chosen::Uring {
+        "uring"
+    } else {
+        "epoll"
+    };
     let shards: Vec<ShardHandle> = shards
         .into_iter()
         .zip(txs)
@@ -388,8 +399,8 @@ impl Running {
         while !term.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(20));
             let now = Instant::now();
-            let reload = hup.swap(false, Ordering::Relaxed)
-                || (now >= next_poll && self.keystore_changed());
+            let reload =
+                hup.swap(false, Ordering::Relaxed) || (now >= next_poll && self.keystore_changed());
             if now >= next_poll {
                 next_poll = now + poll_every;
             }

@@ -115,11 +115,33 @@ mod tests {
     #[test]
     fn rules() {
         assert_eq!(compute(base()), Health::Ok);
-        assert_eq!(compute(Inputs { management_connections: 0, ..base() }), Health::Warn);
-        assert_eq!(compute(Inputs { certificate_valid: false, ..base() }), Health::Err);
-        assert_eq!(compute(Inputs { started: false, ..base() }), Health::Init);
         assert_eq!(
-            compute(Inputs { started: false, uptime_secs: 30, ..base() }),
+            compute(Inputs {
+                management_connections: 0,
+                ..base()
+            }),
+            Health::Warn
+        );
+        assert_eq!(
+            compute(Inputs {
+                certificate_valid: false,
+                ..base()
+            }),
+            Health::Err
+        );
+        assert_eq!(
+            compute(Inputs {
+                started: false,
+                ..base()
+            }),
+            Health::Init
+        );
+        assert_eq!(
+            compute(Inputs {
+                started: false,
+                uptime_secs: 30,
+                ..base()
+            }),
             Health::Err
         );
     }

@@ -167,14 +167,28 @@ impl TlsSession {
         let mut progress = Progress::default();
         match self.partial.take() {
             None => {
-                let used = self.process(input, out, staged_out, scratch, &mut on_plaintext, &mut progress)?;
+                let used = self.process(
+                    input,
+                    out,
+                    staged_out,
+                    scratch,
+                    &mut on_plaintext,
+                    &mut progress,
+                )?;
                 if used < input.len() {
                     self.partial = Some(input[used..].to_vec());
                 }
             }
             Some(mut held) => {
                 held.extend_from_slice(input);
-                let used = self.process(&mut held, out, staged_out, scratch, &mut on_plaintext, &mut progress)?;
+                let used = self.process(
+                    &mut held,
+                    out,
+                    staged_out,
+                    scratch,
+                    &mut on_plaintext,
+                    &mut progress,
+                )?;
                 if used < held.len() {
                     held.drain(..used);
                     self.partial = Some(held);
@@ -284,7 +298,9 @@ impl TlsSession {
         let status = self.conn.process_tls_records(&mut []);
         match status.state? {
             ConnectionState::WriteTraffic(mut w) => f(&mut w),
-            _ => Err(TlsError::State("cannot write: handshake not complete or session closed")),
+            _ => Err(TlsError::State(
+                "cannot write: handshake not complete or session closed",
+            )),
         }
     }
 }
@@ -351,7 +367,9 @@ fn encrypt_into(
     // One record per 16 KiB of plaintext plus ≤ 22 bytes of overhead each (TLS 1.3) or
     // 29 (TLS 1.2 GCM); 64 is a safe bound.
     let guess = plain.len() + (plain.len() / 16384 + 1) * 64;
-    encode_with(out, guess, |dst| w.encrypt(plain, dst).map_err(encrypt_needed))
+    encode_with(out, guess, |dst| {
+        w.encrypt(plain, dst).map_err(encrypt_needed)
+    })
 }
 
 /// Version name for logs and metric labels.

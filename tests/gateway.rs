@@ -36,10 +36,10 @@ fn status_text(raw: &[u8]) -> String {
 }
 
 both_drivers!(check_status_and_metrics_over_curl, |driver| {
-    let gw = super::Gateway::start(driver, None, &[]);
+    let gw = Gateway::start(driver, None, &[]);
     let root = gw.root_pem();
     for (tls, max) in [("--tlsv1.2", "1.2"), ("--tlsv1.3", "1.3")] {
-        let (ok, body, err) = super::run(Command::new("curl").args([
+        let (ok, body, err) = run(Command::new("curl").args([
             "-sS",
             "--cacert",
             root.to_str().unwrap(),
@@ -52,19 +52,28 @@ both_drivers!(check_status_and_metrics_over_curl, |driver| {
         ]));
         assert!(ok, "curl failed: {err}");
         // No management server is connected yet: warn (SPEC.md).
-        assert_eq!(body, "{\"status\":\"warn\"}\n200 application/json", "TLS {max}");
+        assert_eq!(
+            body, "{\"status\":\"warn\"}\n200 application/json",
+            "TLS {max}"
+        );
     }
-    let (ok, body, _) = super::run(Command::new("curl").args([
+    let (ok, body, _) = run(Command::new("curl").args([
         "-sS",
         "--cacert",
         root.to_str().unwrap(),
         &format!("https://localhost:{}/metrics", gw.port()),
     ]));
     assert!(ok);
-    assert!(body.contains("fleetgate_connections{shard=\"0\"}"), "{body}");
-    assert!(body.contains("fleetgate_tls_handshakes_total{version=\"1.2\"} 1"), "{body}");
+    assert!(
+        body.contains("fleetgate_connections{shard=\"0\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("fleetgate_tls_handshakes_total{version=\"1.2\"} 1"),
+        "{body}"
+    );
     assert!(body.contains(&format!("driver=\"{driver}\"")), "{body}");
-    let (_, code, _) = super::run(Command::new("curl").args([
+    let (_, code, _) = run(Command::new("curl").args([
         "-sS",
         "-o",
         "/dev/null",
@@ -75,7 +84,7 @@ both_drivers!(check_status_and_metrics_over_curl, |driver| {
         &format!("https://localhost:{}/no/such/path", gw.port()),
     ]));
     assert_eq!(code, "404");
-    let (_, code, _) = super::run(Command::new("curl").args([
+    let (_, code, _) = run(Command::new("curl").args([
         "-sS",
         "-o",
         "/dev/null",
@@ -91,7 +100,7 @@ both_drivers!(check_status_and_metrics_over_curl, |driver| {
 });
 
 both_drivers!(openssl_s_client_tls12_and_tls13, |driver| {
-    let gw = super::Gateway::start(driver, None, &[]);
+    let gw = Gateway::start(driver, None, &[]);
     for v in ["-tls1_2", "-tls1_3"] {
         let mut child = Command::new("openssl")
             .args([
@@ -115,7 +124,9 @@ both_drivers!(openssl_s_client_tls12_and_tls13, |driver| {
             .stdin
             .take()
             .unwrap()
-            .write_all(b"GET /usg/check-status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .write_all(
+                b"GET /usg/check-status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
             .unwrap();
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -135,8 +146,8 @@ both_drivers!(openssl_s_client_tls12_and_tls13, |driver| {
 });
 
 both_drivers!(echo_text_binary_large_and_fragmented, |driver| {
-    let gw = super::Gateway::start(driver, None, &[]);
-    let mut ws = super::ws_connect(&gw, "/usg/echo");
+    let gw = Gateway::start(driver, None, &[]);
+    let mut ws = ws_connect(&gw, "/usg/echo");
     ws.send(Message::text("hello")).unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("hello"));
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7) as u8).collect();
@@ -150,28 +161,35 @@ both_drivers!(echo_text_binary_large_and_fragmented, |driver| {
     assert_eq!(got.len(), big.len());
     assert!(got == big, "echoed bytes differ");
     // A fragmented text message, sent frame by frame.
-    use tungstenite::protocol::frame::{Frame, coding::{Data, OpCode}};
+    use tungstenite::protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    };
     let parts = ["frag", "ment", "ed ✓"];
     for (i, p) in parts.iter().enumerate() {
-        let op = if i == 0 { OpCode::Data(Data::Text) } else { OpCode::Data(Data::Continue) };
+        let op = if i == 0 {
+            OpCode::Data(Data::Text)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
         let frame = Frame::message(p.as_bytes().to_vec(), op, i == parts.len() - 1);
         ws.write(Message::Frame(frame)).unwrap();
     }
     ws.flush().unwrap();
     assert_eq!(ws.read().unwrap(), Message::text("fragmented ✓"));
     // Ping → pong with the same payload.
-    ws.send(Message::Ping(b"are you there".to_vec().into())).unwrap();
-    loop {
-        match ws.read().unwrap() {
-            Message::Pong(p) => {
-                assert_eq!(&p[..], b"are you there");
-                break;
-            }
-            other => panic!("expected pong, got {other:?}"),
-        }
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .unwrap();
+    match ws.read().unwrap() {
+        Message::Pong(p) => assert_eq!(&p[..], b"are you there"),
+        other => panic!("expected pong, got {other:?}"),
     }
     // Close handshake: the server echoes our code.
-    ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() })).unwrap();
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .unwrap();
     loop {
         match ws.read() {
             Ok(Message::Close(Some(f))) => {
@@ -196,7 +214,10 @@ fn raw_ws(gw: &Gateway, path: &str) -> TlsStream {
     }
     let head = String::from_utf8(head).unwrap();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    assert!(
+        head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "{head}"
+    );
     s
 }
 
@@ -252,41 +273,42 @@ fn expect_close(s: &mut TlsStream, code: u16) {
 
 both_drivers!(protocol_violations_get_their_close_codes, |driver| {
     let cfg = "[websocket]\nmax_frame_size = 1024\nmax_message_size = 4096\n";
-    let gw = super::Gateway::start(driver, Some(cfg), &[]);
+    let gw = Gateway::start(driver, Some(cfg), &[]);
     // Unmasked client frame → 1002.
-    let mut s = super::raw_ws(&gw, "/usg/echo");
+    let mut s = raw_ws(&gw, "/usg/echo");
     s.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
-    super::expect_close(&mut s, 1002);
+    expect_close(&mut s, 1002);
     // Invalid UTF-8 in a text frame → 1007.
-    let mut s = super::raw_ws(&gw, "/usg/echo");
-    s.write_all(&super::masked(0x1, true, &[0xce, 0xba, 0xff, 0xfe])).unwrap();
-    super::expect_close(&mut s, 1007);
+    let mut s = raw_ws(&gw, "/usg/echo");
+    s.write_all(&masked(0x1, true, &[0xce, 0xba, 0xff, 0xfe]))
+        .unwrap();
+    expect_close(&mut s, 1007);
     // Frame above max_frame_size → 1009.
-    let mut s = super::raw_ws(&gw, "/usg/echo");
-    s.write_all(&super::masked(0x2, true, &[0u8; 2000])).unwrap();
-    super::expect_close(&mut s, 1009);
+    let mut s = raw_ws(&gw, "/usg/echo");
+    s.write_all(&masked(0x2, true, &[0u8; 2000])).unwrap();
+    expect_close(&mut s, 1009);
     // Message above max_message_size (in small frames) → 1009.
-    let mut s = super::raw_ws(&gw, "/usg/endpoint");
+    let mut s = raw_ws(&gw, "/usg/endpoint");
     for i in 0..5 {
         let op = if i == 0 { 0x2 } else { 0x0 };
-        s.write_all(&super::masked(op, false, &[0u8; 1000])).unwrap();
+        s.write_all(&masked(op, false, &[0u8; 1000])).unwrap();
     }
-    super::expect_close(&mut s, 1009);
+    expect_close(&mut s, 1009);
     // Fragmented ping → 1002; reserved opcode → 1002.
-    let mut s = super::raw_ws(&gw, "/usg/echo");
-    s.write_all(&super::masked(0x9, false, b"x")).unwrap();
-    super::expect_close(&mut s, 1002);
-    let mut s = super::raw_ws(&gw, "/usg/echo");
-    s.write_all(&super::masked(0x3, true, b"x")).unwrap();
-    super::expect_close(&mut s, 1002);
+    let mut s = raw_ws(&gw, "/usg/echo");
+    s.write_all(&masked(0x9, false, b"x")).unwrap();
+    expect_close(&mut s, 1002);
+    let mut s = raw_ws(&gw, "/usg/echo");
+    s.write_all(&masked(0x3, true, b"x")).unwrap();
+    expect_close(&mut s, 1002);
     // The gateway still serves.
-    let mut ws = super::ws_connect(&gw, "/usg/echo");
-    ws.send(super::Message::text("still here")).unwrap();
-    assert_eq!(ws.read().unwrap(), super::Message::text("still here"));
+    let mut ws = ws_connect(&gw, "/usg/echo");
+    ws.send(Message::text("still here")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("still here"));
 });
 
 both_drivers!(bad_upgrades_are_refused_with_the_right_status, |driver| {
-    let gw = super::Gateway::start(driver, None, &[]);
+    let gw = Gateway::start(driver, None, &[]);
     let t = Duration::from_secs(5);
     let cases: [(&str, &str); 6] = [
         // Missing key.
@@ -300,7 +322,10 @@ both_drivers!(bad_upgrades_are_refused_with_the_right_status, |driver| {
             "HTTP/1.1 426",
         ),
         // No upgrade headers at all on a WebSocket path.
-        ("GET /usg/endpoint HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 426"),
+        (
+            "GET /usg/endpoint HTTP/1.1\r\nHost: x\r\n\r\n",
+            "HTTP/1.1 426",
+        ),
         // POST on the WebSocket path.
         (
             "POST /usg/endpoint HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
@@ -309,91 +334,119 @@ both_drivers!(bad_upgrades_are_refused_with_the_right_status, |driver| {
         // Garbage instead of HTTP.
         ("\x00\x01\x02 nonsense\r\n\r\n", "HTTP/1.1 400"),
         // Echo is a 404 when disabled? (enabled here) — an unknown path is 404.
-        ("GET /usg/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "HTTP/1.1 404"),
+        (
+            "GET /usg/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 404",
+        ),
     ];
     for (req, want) in cases {
-        let got = super::status_text(&super::raw_exchange(&gw, req.as_bytes(), t));
+        let got = status_text(&raw_exchange(&gw, req.as_bytes(), t));
         assert!(got.starts_with(want), "request {req:?}: got {got:?}");
     }
     // Oversize head → 431.
-    let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(10_000));
-    let got = super::status_text(&super::raw_exchange(&gw, huge.as_bytes(), t));
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(10_000)
+    );
+    let got = status_text(&raw_exchange(&gw, huge.as_bytes(), t));
     assert!(got.starts_with("HTTP/1.1 431"), "{got:?}");
 });
 
-both_drivers!(plain_http_and_garbage_on_the_tls_port_are_dropped, |driver| {
-    use std::net::TcpStream;
-    let gw = super::Gateway::start(driver, None, &[]);
-    for junk in [
-        &b"GET /usg/check-status HTTP/1.1\r\nHost: localhost\r\n\r\n"[..],
-        &[0xffu8; 600][..],
-        &[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5][..],
-    ] {
-        let mut s = TcpStream::connect(gw.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(junk).unwrap();
-        let got = super::read_all(&mut s);
-        // Either nothing or a TLS alert record (content type 21), then the connection closes.
-        assert!(got.is_empty() || got[0] == 21, "{got:?}");
+both_drivers!(
+    plain_http_and_garbage_on_the_tls_port_are_dropped,
+    |driver| {
+        use std::net::TcpStream;
+        let gw = Gateway::start(driver, None, &[]);
+        for junk in [
+            &b"GET /usg/check-status HTTP/1.1\r\nHost: localhost\r\n\r\n"[..],
+            &[0xffu8; 600][..],
+            &[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5][..],
+        ] {
+            let mut s = TcpStream::connect(gw.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(junk).unwrap();
+            let got = read_all(&mut s);
+            // Either nothing or a TLS alert record (content type 21), then the connection closes.
+            assert!(got.is_empty() || got[0] == 21, "{got:?}");
+        }
+        // Still serving.
+        let got = raw_exchange(
+            &gw,
+            b"GET /usg/check-status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        );
+        assert!(status_text(&got).starts_with("HTTP/1.1 200"));
     }
-    // Still serving.
-    let got = super::raw_exchange(
-        &gw,
-        b"GET /usg/check-status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    );
-    assert!(super::status_text(&got).starts_with("HTTP/1.1 200"));
-});
+);
 
-both_drivers!(slow_loris_head_times_out_while_others_are_served, |driver| {
-    let cfg = "[http]\nhead_timeout_ms = 700\n[tls]\nhandshake_timeout_ms = 700\n";
-    let gw = super::Gateway::start(driver, Some(cfg), &[]);
-    // A client that sends half a head and stalls.
-    let mut slow = gw.tls();
-    slow.write_all(b"GET /usg/endpoint HTTP/1.1\r\nHost: loc").unwrap();
-    // A TCP client that never even starts TLS.
-    let mut idle = std::net::TcpStream::connect(gw.addr).unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    // Meanwhile a well-behaved client is served.
-    let mut ws = super::ws_connect(&gw, "/usg/echo");
-    ws.send(super::Message::text("fine")).unwrap();
-    assert_eq!(ws.read().unwrap(), super::Message::text("fine"));
-    // The slow one gets 408 and is closed; the silent one is closed.
-    slow.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let got = super::status_text(&super::read_all(&mut slow));
-    assert!(got.starts_with("HTTP/1.1 408"), "{got:?}");
-    let mut b = [0u8; 16];
-    assert_eq!(idle.read(&mut b).unwrap_or(0), 0, "handshake timeout closes");
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, body, _) = super::run(Command::new("curl").args([
-        "-sS",
-        "--cacert",
-        gw.root_pem().to_str().unwrap(),
-        &format!("https://localhost:{}/metrics", gw.port()),
-    ]));
-    assert!(ok);
-    assert!(body.contains("fleetgate_errors_total{kind=\"head_timeout\"} 1"), "{body}");
-    assert!(body.contains("fleetgate_errors_total{kind=\"handshake_timeout\"} 1"), "{body}");
-});
+both_drivers!(
+    slow_loris_head_times_out_while_others_are_served,
+    |driver| {
+        let cfg = "[http]\nhead_timeout_ms = 700\n[tls]\nhandshake_timeout_ms = 700\n";
+        let gw = Gateway::start(driver, Some(cfg), &[]);
+        // A client that sends half a head and stalls.
+        let mut slow = gw.tls();
+        slow.write_all(b"GET /usg/endpoint HTTP/1.1\r\nHost: loc")
+            .unwrap();
+        // A TCP client that never even starts TLS.
+        let mut idle = std::net::TcpStream::connect(gw.addr).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Meanwhile a well-behaved client is served.
+        let mut ws = ws_connect(&gw, "/usg/echo");
+        ws.send(Message::text("fine")).unwrap();
+        assert_eq!(ws.read().unwrap(), Message::text("fine"));
+        // The slow one gets 408 and is closed; the silent one is closed.
+        slow.sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let got = status_text(&read_all(&mut slow));
+        assert!(got.starts_with("HTTP/1.1 408"), "{got:?}");
+        let mut b = [0u8; 16];
+        assert_eq!(
+            idle.read(&mut b).unwrap_or(0),
+            0,
+            "handshake timeout closes"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, body, _) = run(Command::new("curl").args([
+            "-sS",
+            "--cacert",
+            gw.root_pem().to_str().unwrap(),
+            &format!("https://localhost:{}/metrics", gw.port()),
+        ]));
+        assert!(ok);
+        assert!(
+            body.contains("fleetgate_errors_total{kind=\"head_timeout\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("fleetgate_errors_total{kind=\"handshake_timeout\"} 1"),
+            "{body}"
+        );
+    }
+);
 
 both_drivers!(idle_websocket_is_pinged_then_closed, |driver| {
     let cfg = "[websocket]\nping_after_secs = 1\nidle_timeout_secs = 2\n";
-    let gw = super::Gateway::start(driver, Some(cfg), &[]);
-    let mut s = super::raw_ws(&gw, "/usg/endpoint");
+    let gw = Gateway::start(driver, Some(cfg), &[]);
+    let mut s = raw_ws(&gw, "/usg/endpoint");
     // Say nothing: after 1 s a ping, after 2 s of silence a 1001 close.
-    let (op, _) = super::read_frame(&mut s);
+    let (op, _) = read_frame(&mut s);
     assert_eq!(op, 0x9, "expected a ping");
-    super::expect_close(&mut s, 1001);
+    expect_close(&mut s, 1001);
     // A device that answers pings stays.
-    let mut ws = super::ws_connect(&gw, "/usg/endpoint");
-    ws.get_mut().sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut ws = ws_connect(&gw, "/usg/endpoint");
+    ws.get_mut()
+        .sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     // tungstenite answers each ping (queued, flushed on the next read/write); for 3.5 s (past
     // the idle timeout) nothing but pings arrives.
     let until = std::time::Instant::now() + Duration::from_millis(3500);
     let mut pings = 0;
     while std::time::Instant::now() < until {
         match ws.read() {
-            Ok(super::Message::Ping(_)) => pings += 1,
+            Ok(Message::Ping(_)) => pings += 1,
             Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 let _ = ws.flush();
             }
@@ -401,17 +454,17 @@ both_drivers!(idle_websocket_is_pinged_then_closed, |driver| {
         }
     }
     assert!(pings >= 1, "the gateway pings a silent device");
-    ws.send(super::Message::text("still alive")).unwrap();
+    ws.send(Message::text("still alive")).unwrap();
 });
 
 both_drivers!(sigterm_closes_websockets_with_1001_and_exits_0, |driver| {
-    let gw = super::Gateway::start(driver, None, &[]);
-    let mut clients: Vec<_> = (0..20).map(|_| super::ws_connect(&gw, "/usg/endpoint")).collect();
-    let mut raw = super::raw_ws(&gw, "/usg/endpoint");
+    let gw = Gateway::start(driver, None, &[]);
+    let mut clients: Vec<_> = (0..20).map(|_| ws_connect(&gw, "/usg/endpoint")).collect();
+    let mut raw = raw_ws(&gw, "/usg/endpoint");
     let (status, took) = {
         let handle = std::thread::spawn(move || {
             // The raw client reads the 1001 close while the gateway drains.
-            super::expect_close(&mut raw, 1001);
+            expect_close(&mut raw, 1001);
         });
         let r = gw.terminate();
         handle.join().unwrap();
@@ -421,7 +474,7 @@ both_drivers!(sigterm_closes_websockets_with_1001_and_exits_0, |driver| {
     assert!(took < Duration::from_secs(3), "took {took:?}");
     for ws in &mut clients {
         match ws.read() {
-            Ok(super::Message::Close(Some(f))) => assert_eq!(f.code, super::CloseCode::Away),
+            Ok(Message::Close(Some(f))) => assert_eq!(f.code, CloseCode::Away),
             other => panic!("expected close 1001, got {other:?}"),
         }
     }

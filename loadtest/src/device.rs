@@ -130,6 +130,10 @@ pub async fn connect(ctx: &DeviceContext, source: Option<IpAddr>) -> Result<Conn
     }
     .map_err(|e| connect_error(&e, ctx.addr, source))?;
     if let Some(source) = source {
+        if source.is_ipv4() {
+            // Best effort: without it connects still work, only slower past ~14k per source.
+            let _ = crate::sys::bind_address_no_port(&socket);
+        }
         socket
             .bind(SocketAddr::new(source, 0))
             .map_err(|e| connect_error(&e, ctx.addr, Some(source)))?;

@@ -30,8 +30,8 @@ pub enum PkiCommand {
     ///
     /// The root is what devices pin (by its SHA-256 fingerprint) when they register: give it a
     /// long life. Default 10 years; a shorter validity is allowed but warned about, because an
-    /// expired root forces every device to re-register. Stored as DATA_DIR/pki/ca/<name>.pem
-    /// (certificate) and <name>.key (private key, mode 0600), where <name> is the lower-case
+    /// expired root forces every device to re-register. Stored as DATA_DIR/pki/ca/NAME.pem
+    /// (certificate) and NAME.key (private key, mode 0600), where NAME is the lower-case
     /// form of --name ("My Root" -> my-root).
     ///
     /// Example: fleetgate pki create-root --name "Example Gateway Root" --org "Example Ltd"
@@ -52,7 +52,7 @@ pub enum PkiCommand {
     ///
     /// --hosts lists every DNS name and IP address the gateway is reached by, separated by
     /// `;` (wildcards like *.example.org allowed); they become the Subject Alternative Name.
-    /// --name is the name it is stored under (DATA_DIR/pki/certs/<name>.pem, chain + key, 0600)
+    /// --name is the name it is stored under (DATA_DIR/pki/certs/NAME.pem, chain + key, 0600)
     /// and --holder its common name (CN); neither may equal the root's name. Default validity
     /// 1 year. Then `fleetgate pki export` and `install` (or `renew`) it.
     ///
@@ -68,10 +68,10 @@ pub enum PkiCommand {
     /// command that decrypts it. The chain is verified before anything is stored.
     ///
     /// * existing chain: --root root.pem [--intermediate inter.pem]... --cert server.pem
-    ///   --key server.key  -> DATA_DIR/pki/certs/<name>.pem (add --install to make it active)
+    ///   --key server.key  -> DATA_DIR/pki/certs/NAME.pem (add --install to make it active)
     ///
     /// * CA to issue from: --root root.pem [--intermediate inter.pem]... --ca-key ca.key
-    ///   (the key of the lowest CA given) -> DATA_DIR/pki/ca/<name>.{pem,key}
+    ///   (the key of the lowest CA given) -> DATA_DIR/pki/ca/NAME.{pem,key}
     Import(ImportArgs),
 
     /// Check a chain against every rule; exit 0 when valid, 2 when not.

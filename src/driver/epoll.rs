@@ -94,7 +94,10 @@ impl EpollDriver {
         let Some(listener) = &self.listener else {
             return;
         };
-        while self.accepting {
+        if !self.accepting {
+            return;
+        }
+        loop {
             match listener.accept() {
                 Ok((stream, peer)) => out.push(Event::Accepted {
                     sock: stream,
@@ -116,7 +119,10 @@ impl EpollDriver {
     fn read_conn(&mut self, key: ConnKey, out: &mut Vec<Event<TcpStream>>) {
         let mut budget = READ_BUDGET;
         loop {
-            let Some(conn) = self.conns.get_mut(key.slot as usize).and_then(Option::as_mut)
+            let Some(conn) = self
+                .conns
+                .get_mut(key.slot as usize)
+                .and_then(Option::as_mut)
             else {
                 return;
             };
@@ -141,7 +147,11 @@ impl EpollDriver {
                 }
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
-                    out.push(Event::Data { key, buf: id, len: n });
+                    out.push(Event::Data {
+                        key,
+                        buf: id,
+                        len: n,
+                    });
                 }
                 Err(e) => {
                     self.free.push(id);

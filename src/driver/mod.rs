@@ -197,8 +197,11 @@ pub trait Driver {
 
     /// Waits for events (at most `timeout`; `None` = until something happens) and appends
     /// them to `out`.
-    fn poll(&mut self, out: &mut Vec<Event<Self::Socket>>, timeout: Option<Duration>)
-    -> io::Result<()>;
+    fn poll(
+        &mut self,
+        out: &mut Vec<Event<Self::Socket>>,
+        timeout: Option<Duration>,
+    ) -> io::Result<()>;
 
     /// Takes ownership of an accepted socket under `key` and starts receiving on it.
     fn attach(&mut self, key: ConnKey, sock: Self::Socket) -> io::Result<()>;

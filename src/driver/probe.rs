@@ -32,7 +32,9 @@ pub fn uring_usable() -> Result<(), String> {
     ];
     for (name, code) in needed {
         if !probe.is_supported(code) {
-            return Err(format!("io_uring opcode {name} is not supported by this kernel"));
+            return Err(format!(
+                "io_uring opcode {name} is not supported by this kernel"
+            ));
         }
     }
     ring.submitter()

@@ -58,12 +58,12 @@ impl BufRing {
         let entries = u16::try_from(entries)
             .ok()
             .filter(|n| n.is_power_of_two() && *n <= 32768)
-            .ok_or_else(|| io::Error::other("buffer ring entries must be a power of two ≤ 32768"))?;
-        let ring_layout = Layout::from_size_align(
-            usize::from(entries) * size_of::<BufRingEntry>(),
-            4096,
-        )
-        .map_err(io::Error::other)?;
+            .ok_or_else(|| {
+                io::Error::other("buffer ring entries must be a power of two ≤ 32768")
+            })?;
+        let ring_layout =
+            Layout::from_size_align(usize::from(entries) * size_of::<BufRingEntry>(), 4096)
+                .map_err(io::Error::other)?;
         // SAFETY: the layout has a non-zero size (entries ≥ 1, 16-byte entries).
         let ring = unsafe { alloc_zeroed(ring_layout) }.cast::<BufRingEntry>();
         if ring.is_null() {
@@ -214,8 +214,7 @@ impl UringDriver {
                 return;
             }
             if let Err(e) = self.ring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR)
-                {
+                if e.raw_os_error() != Some(libc::EBUSY) && e.raw_os_error() != Some(libc::EINTR) {
                     tracing::error!(error = %e, "io_uring submit failed");
                 }
             }
@@ -473,9 +472,7 @@ impl Driver for UringDriver {
             _ if wait == 0 => self.ring.submit(),
             None => self.ring.submit_and_wait(1),
             Some(t) => {
-                let ts = Timespec::new()
-                    .sec(t.as_secs())
-                    .nsec(t.subsec_nanos());
+                let ts = Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
                 let args = SubmitArgs::new().timespec(&ts);
                 self.ring.submitter().submit_with_args(1, &args)
             }
@@ -540,10 +537,12 @@ impl Driver for UringDriver {
         }
         c.paused = true;
         if c.recv_armed {
-            let sqe =
-                opcode::AsyncCancel2::new(CancelBuilder::user_data(encode_token(OpKind::Recv, key)))
-                    .build()
-                    .user_data(encode_token(OpKind::Cancel, key));
+            let sqe = opcode::AsyncCancel2::new(CancelBuilder::user_data(encode_token(
+                OpKind::Recv,
+                key,
+            )))
+            .build()
+            .user_data(encode_token(OpKind::Cancel, key));
             // SAFETY: a cancellation refers to no memory.
             unsafe { self.push(sqe) };
         }

@@ -89,12 +89,14 @@ impl Keystore {
         fs::write_atomic(path, self.to_pem().as_bytes(), fs::MODE_PRIVATE)
     }
 
-    /// The end-entity (server) certificate.
+    /// The end-entity (server) certificate. Panics if `chain` is empty, which [`Keystore::load`]
+    /// and [`Keystore::from_pem`] never produce.
     pub fn leaf(&self) -> &CertificateDer<'static> {
         &self.chain[0]
     }
 
-    /// The root certificate (the last of the chain).
+    /// The root certificate (the last of the chain). Panics if `chain` is empty (see
+    /// [`Keystore::leaf`]).
     pub fn root(&self) -> &CertificateDer<'static> {
         &self.chain[self.chain.len() - 1]
     }

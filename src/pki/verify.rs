@@ -489,9 +489,14 @@ pub fn webpki_check(
     .map_err(|e| format!("rejected the chain: {e}"))?;
     for host in hosts {
         let host = host.trim();
-        if host.is_empty() {
+        // A wildcard is a pattern, not a name a client connects to; our own rule covers it.
+        if host.is_empty() || host.contains('*') {
             continue;
         }
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
         let name = ServerName::try_from(host)
             .map_err(|e| format!("host {host:?} is not a valid server name: {e}"))?;
         ee.verify_is_valid_for_subject_name(&name)
@@ -557,5 +562,31 @@ mod tests {
         assert!(san_covers(&ip, "2001:DB8:0::7"));
         assert!(san_covers(&ip, "[2001:db8::7]"));
         assert!(!san_covers(&San::Dns("127.0.0.1".into()), "127.0.0.1"));
+    }
+
+    #[test]
+    fn verifies_a_generated_chain_for_wildcards_and_bracketed_ips() {
+        use crate::pki::create::{self, Host, IssuingCa, KeyType, Subject};
+        let root = create::create_root(&Subject::cn("r"), 3650, KeyType::EcdsaP256).unwrap();
+        let leaf = create::issue_server(
+            &IssuingCa {
+                chain: &root.chain,
+                key: &root.key,
+            },
+            &Subject::cn("l"),
+            &Host::parse_list("*.example.org;::1").unwrap(),
+            365,
+            KeyType::EcdsaP256,
+        )
+        .unwrap();
+        let hosts: Vec<String> = ["*.example.org", "a.example.org", "[::1]", "::1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let v = verify_chain(&leaf.chain, Some(&leaf.key), &hosts);
+        assert!(v.is_empty(), "{v:?}");
+        let v = verify_chain(&leaf.chain, Some(&root.key), &[]);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].rule, Rule::KeyMatch);
     }
 }

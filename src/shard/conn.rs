@@ -243,9 +243,13 @@ impl Conn {
             status: cx.status,
             driver: cx.driver,
         };
-        let res = tls.receive(input, &mut self.out, cx.staged, cx.scratch, |plain, staged| {
-            st.plaintext(plain, staged)
-        });
+        let res = tls.receive(
+            input,
+            &mut self.out,
+            cx.staged,
+            cx.scratch,
+            |plain, staged| st.plaintext(plain, staged),
+        );
         cx.staged.clear();
         match res {
             Ok(progress) => {
@@ -327,7 +331,12 @@ impl Conn {
             Phase::Handshake => self.since_ms + s.handshake_timeout_ms,
             Phase::ExpectRequest { .. } => self.since_ms + s.head_timeout_ms,
             Phase::Open(o) => {
-                self.last_rx_ms + if o.pinged { s.idle_timeout_ms } else { s.ping_after_ms }
+                self.last_rx_ms
+                    + if o.pinged {
+                        s.idle_timeout_ms
+                    } else {
+                        s.ping_after_ms
+                    }
             }
             Phase::Closing(_) | Phase::Draining => self.since_ms + s.close_timeout_ms,
         }
@@ -345,7 +354,11 @@ impl Conn {
                 self.after = After::Abort;
             }
             Phase::ExpectRequest { .. } => {
-                tracing::debug!(now = cx.now_ms, since = self.since_ms, "request head timeout");
+                tracing::debug!(
+                    now = cx.now_ms,
+                    since = self.since_ms,
+                    "request head timeout"
+                );
                 cx.stats.error(ErrorKind::HeadTimeout);
                 http::write_response(cx.staged, 408, &[], None, b"", true);
                 self.send_plain(cx);
@@ -456,7 +469,10 @@ impl Handler<'_> {
                             }
                             return;
                         }
-                        Ok(Parsed::Complete { head: req, consumed }) => {
+                        Ok(Parsed::Complete {
+                            head: req,
+                            consumed,
+                        }) => {
                             // Bytes after the head: from `data` directly, or from the
                             // accumulated head buffer (copied out, since `data` was appended).
                             let mut rest: Vec<u8> = Vec::new();

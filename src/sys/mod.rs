@@ -28,9 +28,8 @@ impl EventFd {
         // SAFETY: eventfd takes no pointers; a non-negative return is a fresh fd we now own.
         let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
         // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd })
     }
 
     /// Adds 1 to the counter, waking whoever polls the fd. Never blocks; a full counter
@@ -138,5 +137,81 @@ mod tests {
     fn hostname_and_rss_are_readable() {
         assert!(!hostname().is_empty());
         assert!(rss_bytes().unwrap() > 0);
+    }
+}
+
+/// A global allocator that forwards to the system allocator and, while counting is switched
+/// on for the current thread, tracks net bytes and the number of allocations. Benchmarks
+/// install it with `#[global_allocator]` to print bytes per connection and allocations per
+/// message; the gateway itself does not use it.
+#[derive(Debug)]
+pub struct CountingAlloc;
+
+static COUNTED_NET_BYTES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+static COUNTED_ALLOCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+thread_local! {
+    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl CountingAlloc {
+    /// Runs `f` with this thread's allocations counted.
+    pub fn count<T>(f: impl FnOnce() -> T) -> T {
+        COUNTING.with(|c| c.set(true));
+        let r = f();
+        COUNTING.with(|c| c.set(false));
+        r
+    }
+
+    /// Net bytes allocated (allocated − freed) inside `count` so far.
+    pub fn net_bytes() -> i64 {
+        COUNTED_NET_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Allocations (including reallocations) made inside `count` so far.
+    pub fn allocations() -> u64 {
+        COUNTED_ALLOCS.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Resets both counters.
+    pub fn reset() {
+        COUNTED_NET_BYTES.store(0, std::sync::atomic::Ordering::Relaxed);
+        COUNTED_ALLOCS.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn counting() -> bool {
+        COUNTING.try_with(std::cell::Cell::get).unwrap_or(false)
+    }
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so the
+// GlobalAlloc contract is exactly the system allocator's; the counters are plain atomics.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        if Self::counting() {
+            COUNTED_NET_BYTES.fetch_add(l.size() as i64, std::sync::atomic::Ordering::Relaxed);
+            COUNTED_ALLOCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // SAFETY: forwarded unchanged; the caller upholds alloc's contract.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        if Self::counting() {
+            COUNTED_NET_BYTES.fetch_sub(l.size() as i64, std::sync::atomic::Ordering::Relaxed);
+        }
+        // SAFETY: forwarded unchanged; `p` came from this allocator, i.e. from System.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        if Self::counting() {
+            COUNTED_NET_BYTES.fetch_add(
+                new as i64 - l.size() as i64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            COUNTED_ALLOCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // SAFETY: forwarded unchanged; `p` came from System with layout `l`.
+        unsafe { std::alloc::System.realloc(p, l, new) }
     }
 }

@@ -42,7 +42,13 @@ impl Gateway {
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data)
-            .args(["--listen", "127.0.0.1:0", "--enable-echo", "--driver", driver])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--enable-echo",
+                "--driver",
+                driver,
+            ])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -188,10 +194,7 @@ pub fn tls_connect(addr: SocketAddr, cfg: Arc<ClientConfig>) -> TlsStream {
 }
 
 /// A WebSocket (tungstenite, the independent implementation) over TLS to `path`.
-pub fn ws_connect(
-    gw: &Gateway,
-    path: &str,
-) -> tungstenite::WebSocket<TlsStream> {
+pub fn ws_connect(gw: &Gateway, path: &str) -> tungstenite::WebSocket<TlsStream> {
     let stream = gw.tls();
     let url = format!("wss://localhost:{}{}", gw.port(), path);
     let (ws, resp) = tungstenite::client::client(url.as_str(), stream).expect("upgrade");

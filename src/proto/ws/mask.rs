@@ -32,12 +32,13 @@ pub fn apply_mask_naive(buf: &mut [u8], key: [u8; 4], offset: usize) {
     }
 }
 
-/// The key as seen from payload position `offset`.
+/// The key as seen from payload position `offset`: byte `i` is `key[(offset + i) % 4]`.
+/// (Integer rotation; `<[u8]>::rotate_left` is an out-of-line call that costs more than
+/// masking a short payload.)
 #[inline]
 fn rotate_key(key: [u8; 4], offset: usize) -> [u8; 4] {
-    let mut key = key;
-    key.rotate_left(offset % 4);
-    key
+    let shift = 8 * (offset % 4) as u32;
+    u32::from_le_bytes(key).rotate_right(shift).to_le_bytes()
 }
 
 #[cfg(test)]
