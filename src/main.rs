@@ -33,7 +33,9 @@ enum Command {
     /// (Prometheus), WebSocket upgrades on /usg/endpoint (devices) and /usg/management
     /// (management servers), and /usg/echo when enabled.
     Serve(ServeArgs),
-    // PKI-CLI-HOOK
+    /// Create, import, verify, export, renew and roll over the gateway's certificates.
+    #[command(subcommand)]
+    Pki(fleetgate::cli::pki::PkiCommand),
     /// Check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -76,6 +78,7 @@ fn init_logging(level: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -113,7 +116,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args, cli.data_dir).map(|()| ExitCode::SUCCESS),
-        // PKI-RUN-HOOK
+        Command::Pki(cmd) => {
+            let dir = cli
+                .data_dir
+                .unwrap_or_else(|| Config::default().server.data_dir);
+            fleetgate::cli::pki::run(cmd, &dir)
+        }
         Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
             Ok(_) => {
                 println!("{}: OK", file.display());

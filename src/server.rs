@@ -27,7 +27,7 @@ use crate::status::{self, Health, StatusCell};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The data dir, keystore or root certificate could not be set up.
-    #[error("certificates in {dir}: {source}")]
+    #[error("certificates in {dir}")]
     Pki {
         /// The data dir.
         dir: PathBuf,
@@ -38,7 +38,7 @@ pub enum StartError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     /// The listening socket could not be set up.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         /// The address.
         addr: SocketAddr,
@@ -124,8 +124,11 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         dir: data_dir.clone(),
         source,
     })?;
+    tracing::debug!("keystore loaded after {:?}", t0.elapsed());
     let tls_config = crate::tls::server_config(&keystore, &config.tls)?;
+    tracing::debug!("TLS configuration ready after {:?}", t0.elapsed());
     let cert_ok = pki::verify(&keystore, &[]).is_empty();
+    tracing::debug!("certificate chain checked after {:?}", t0.elapsed());
 
     let nofile = crate::sys::raise_nofile_limit().unwrap_or(1024);
     let chosen = match probe::choose(config.server.driver) {
@@ -135,6 +138,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     if let Chosen::Epoll(Some(why)) = &chosen {
         tracing::warn!("io_uring unavailable ({why}); using epoll");
     }
+    tracing::debug!("driver chosen after {:?}", t0.elapsed());
     let n = config.shard_count();
     let listeners = bind_listeners(config.server.listen, n)?;
     let local_addr = listeners[0]

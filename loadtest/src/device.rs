@@ -21,6 +21,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
 
 use crate::wire::{ErrorKind, PingKind, PingSettings, WorkerConfig};
@@ -55,9 +56,10 @@ impl DeviceContext {
             None => None,
             Some(settings) => {
                 let config = crate::tls::client_config(&settings.trust, settings.versions)?;
-                let name = ServerName::try_from(settings.server_name.clone()).with_context(|| {
-                    format!("'{}' is not a valid TLS server name", settings.server_name)
-                })?;
+                let name =
+                    ServerName::try_from(settings.server_name.clone()).with_context(|| {
+                        format!("'{}' is not a valid TLS server name", settings.server_name)
+                    })?;
                 Some((TlsConnector::from(config), name))
             }
         };
@@ -105,7 +107,7 @@ impl std::fmt::Display for DeviceError {
 
 /// An upgraded connection.
 pub enum Conn {
-    Plain(WebSocketStream<TcpStream>),
+    Plain(Box<WebSocketStream<TcpStream>>),
     Tls(Box<WebSocketStream<TlsStream<TcpStream>>>),
 }
 
@@ -117,11 +119,17 @@ pub struct Connected {
 }
 
 /// TCP connect, TLS handshake and WebSocket upgrade, all within `handshake_timeout`.
-pub async fn connect(ctx: &DeviceContext, source: Option<IpAddr>) -> Result<Connected, DeviceError> {
+pub async fn connect(
+    ctx: &DeviceContext,
+    source: Option<IpAddr>,
+) -> Result<Connected, DeviceError> {
     let deadline = Instant::now() + ctx.handshake_timeout;
     let secs = ctx.handshake_timeout.as_secs_f64();
     let timed_out = |what: &str| {
-        DeviceError::new(ErrorKind::Timeout, format!("{what} did not finish within {secs} s"))
+        DeviceError::new(
+            ErrorKind::Timeout,
+            format!("{what} did not finish within {secs} s"),
+        )
     };
 
     let socket = match ctx.addr {
@@ -145,9 +153,11 @@ pub async fn connect(ctx: &DeviceContext, source: Option<IpAddr>) -> Result<Conn
     let _ = tcp.set_nodelay(true);
 
     let Some((connector, name)) = &ctx.tls else {
-        let ws = upgrade(ctx, tcp, deadline).await.map_err(|e| e.unwrap_or_else(|| timed_out("WebSocket upgrade")))?;
+        let ws = upgrade(ctx, tcp, deadline)
+            .await
+            .map_err(|e| e.unwrap_or_else(|| timed_out("WebSocket upgrade")))?;
         return Ok(Connected {
-            conn: Conn::Plain(ws),
+            conn: Conn::Plain(Box::new(ws)),
             tls: None,
         });
     };
@@ -172,7 +182,10 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     deadline: Instant,
 ) -> Result<WebSocketStream<S>, Option<DeviceError>> {
     let request = ctx.url.as_str().into_client_request().map_err(|e| {
-        Some(DeviceError::new(ErrorKind::Upgrade, format!("bad request URL {}: {e}", ctx.url)))
+        Some(DeviceError::new(
+            ErrorKind::Upgrade,
+            format!("bad request URL {}: {e}", ctx.url),
+        ))
     })?;
     let (ws, _response) = timeout_at(
         deadline,
@@ -229,7 +242,10 @@ fn connect_error(e: &io::Error, addr: SocketAddr, source: Option<IpAddr>) -> Dev
 
 fn tls_error(e: &io::Error, name: &ServerName<'_>) -> DeviceError {
     let name = name.to_str();
-    let message = match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    let message = match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
         Some(rustls::Error::InvalidCertificate(cert)) => {
             use rustls::CertificateError as C;
             match cert {
@@ -239,7 +255,9 @@ fn tls_error(e: &io::Error, name: &ServerName<'_>) -> DeviceError {
                 C::NotValidForName | C::NotValidForNameContext { .. } => format!(
                     "server certificate does not cover '{name}' — use a host its SAN lists, or --sni"
                 ),
-                C::Expired | C::ExpiredContext { .. } => "server certificate has expired".to_owned(),
+                C::Expired | C::ExpiredContext { .. } => {
+                    "server certificate has expired".to_owned()
+                }
                 C::NotValidYet | C::NotValidYetContext { .. } => {
                     "server certificate is not valid yet (clock skew?)".to_owned()
                 }
@@ -251,7 +269,8 @@ fn tls_error(e: &io::Error, name: &ServerName<'_>) -> DeviceError {
                 other => format!("server certificate rejected: {other:?}"),
             }
         }
-        Some(rustls::Error::InvalidMessage(_)) | Some(rustls::Error::InappropriateMessage { .. }) => {
+        Some(rustls::Error::InvalidMessage(_))
+        | Some(rustls::Error::InappropriateMessage { .. }) => {
             format!("the server did not answer with TLS ({e}) — is this a ws:// (plain) port?")
         }
         Some(rustls::Error::AlertReceived(alert)) => {
@@ -275,11 +294,18 @@ fn upgrade_error(e: WsError, path: &str) -> DeviceError {
         WsError::Http(response) => {
             let status = response.status();
             let hint = match status.as_u16() {
-                404 => format!(" — is '{path}' the right path (fleetgate: /usg/endpoint, /usg/echo with --enable-echo)?"),
+                404 => format!(
+                    " — is '{path}' the right path (fleetgate: /usg/endpoint, /usg/echo with --enable-echo)?"
+                ),
                 503 => " — server at its connection limit?".to_owned(),
                 _ => String::new(),
             };
             format!("WebSocket upgrade refused: HTTP {status}{hint}")
+        }
+        WsError::Protocol(ProtocolError::HandshakeIncomplete) => {
+            "the server closed the connection during the WebSocket upgrade (a wss:// port \
+             given as ws://?)"
+                .to_owned()
         }
         WsError::Protocol(p) => format!("WebSocket upgrade failed: {p}"),
         WsError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
@@ -317,7 +343,7 @@ pub async fn idle(
     observer: &impl IdleObserver,
 ) -> IdleEnd {
     match conn {
-        Conn::Plain(mut ws) => idle_loop(&mut ws, ctx, id, phase, observer).await,
+        Conn::Plain(mut ws) => idle_loop(&mut *ws, ctx, id, phase, observer).await,
         Conn::Tls(mut ws) => idle_loop(&mut *ws, ctx, id, phase, observer).await,
     }
 }
@@ -442,7 +468,11 @@ fn describe_lost(e: &WsError) -> String {
 /// ASCII payload of exactly `size` bytes, unique per (device, sequence) as far as it fits.
 pub fn ping_payload(id: u64, seq: u64, size: usize) -> Bytes {
     let tag = format!("{seq:x}.{id:x}.");
-    let mut payload: Vec<u8> = tag.bytes().chain(std::iter::repeat(b'-')).take(size).collect();
+    let mut payload: Vec<u8> = tag
+        .bytes()
+        .chain(std::iter::repeat(b'-'))
+        .take(size)
+        .collect();
     payload.truncate(size);
     Bytes::from(payload)
 }
@@ -478,6 +508,9 @@ mod tests {
         let offsets: Vec<Duration> = (0..1000).map(|id| jitter(id, interval)).collect();
         assert!(offsets.iter().all(|&o| o < interval));
         let first_half = offsets.iter().filter(|&&o| o < interval / 2).count();
-        assert!((400..600).contains(&first_half), "{first_half} of 1000 in the first half");
+        assert!(
+            (400..600).contains(&first_half),
+            "{first_half} of 1000 in the first half"
+        );
     }
 }

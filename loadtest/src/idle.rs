@@ -22,7 +22,9 @@ use tokio::time::{Instant, sleep, timeout};
 
 use crate::device::{self, DeviceContext, IdleObserver, Phase};
 use crate::plan::{self, Environment, IdleArgs, Plan};
-use crate::summary::{self, CloseStats, GeneratorMemory, PongStats, ServerMemory, Setup, Summary, TlsSummary};
+use crate::summary::{
+    self, CloseStats, GeneratorMemory, PongStats, ServerMemory, Setup, Summary, TlsSummary,
+};
 use crate::sys;
 use crate::target::Target;
 use crate::wire::{self, Command, ErrorCounts, Progress, Report, WorkerResult};
@@ -197,7 +199,10 @@ impl Run {
             .await
             .map_err(|e| anyhow::anyhow!("the probe connection failed: {e}"))?;
         let latency = started.elapsed();
-        let tls = connected.tls.clone().unwrap_or_else(|| "plain ws://".to_owned());
+        let tls = connected
+            .tls
+            .clone()
+            .unwrap_or_else(|| "plain ws://".to_owned());
         let (_tx, mut stop) = watch::channel(Phase::Stop);
         device::idle(connected.conn, &ctx, 0, &mut stop, &NoObserver).await;
         Ok(format!("{tls}, {:.1} ms", latency.as_secs_f64() * 1000.0))
@@ -445,7 +450,9 @@ impl Run {
         }
         self.interrupted = true;
         self.bar.suspend(|| {
-            eprintln!("loadtest: interrupted: closing all devices (Ctrl-C again to kill the workers)")
+            eprintln!(
+                "loadtest: interrupted: closing all devices (Ctrl-C again to kill the workers)"
+            )
         });
         Ok(Step::Interrupted)
     }
@@ -543,7 +550,9 @@ impl Run {
         let target = self.args.devices;
         let mut problems = Vec::new();
         if established < target {
-            problems.push(format!("only {established} of {target} devices established"));
+            problems.push(format!(
+                "only {established} of {target} devices established"
+            ));
         }
         if errors.closed_early > 0 {
             problems.push(format!(
@@ -563,7 +572,8 @@ impl Run {
         };
 
         let gateway = self.args.gateway_pid.map(|pid| {
-            let per = summary::bytes_per_device(m.gateway_before, m.gateway_after_ramp, established);
+            let per =
+                summary::bytes_per_device(m.gateway_before, m.gateway_after_ramp, established);
             ServerMemory {
                 pid,
                 name: sys::process_name(pid),
@@ -649,7 +659,11 @@ impl Run {
             s.handshake_ms.max
         );
         if let Some(g) = &s.gateway {
-            let mib = |b: Option<u64>| b.map_or("?".to_owned(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+            let mib = |b: Option<u64>| {
+                b.map_or("?".to_owned(), |b| {
+                    format!("{:.1} MiB", b as f64 / 1048576.0)
+                })
+            };
             eprintln!(
                 "loadtest: server {} (pid {}) RSS {} → {} after ramp → {} at end: {} per idle device",
                 g.name.as_deref().unwrap_or("?"),

@@ -20,7 +20,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "loadtest", version, about = "Load generator for WebSocket gateways: fleetgate, or any ws:// / wss:// server for comparison")]
+#[command(
+    name = "loadtest",
+    version,
+    about = "Load generator for WebSocket gateways: fleetgate, or any ws:// / wss:// server for comparison"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -62,7 +62,7 @@ pub struct IdleArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
     pub concurrency: u64,
     /// Source addresses to bind: a count (127.0.0.2, .3, …), a range A-B, a list A,B or
-    /// `none` (default: one loopback address per 20,000 devices for loopback targets)
+    /// `none` (default: one loopback address per 5,000 devices for loopback targets)
     #[arg(long)]
     pub sources: Option<SourceSpec>,
     /// Worker processes (default: one per 18,000 devices)
@@ -128,7 +128,10 @@ pub fn plan(args: &IdleArgs, target: Target, addr: SocketAddr, env: Environment)
         bail!("--ramp-rate must be a positive number of connects per second");
     }
     if !target.secure && (args.ca.is_some() || args.insecure || args.sni.is_some()) {
-        warnings.push(format!("{} is plain ws://: --ca, --insecure and --sni are ignored", target.url));
+        warnings.push(format!(
+            "{} is plain ws://: --ca, --insecure and --sni are ignored",
+            target.url
+        ));
     }
 
     let spec = args
@@ -291,14 +294,17 @@ mod tests {
         assert!(cli("--url wss://h/ --devices 1 --hold forever").is_err());
         assert!(cli("--url wss://h/ --devices 1 --sources 127.0.0.9-127.0.0.2").is_err());
         assert!(make("--url wss://127.0.0.1:1/ --devices 1 --ping-size 126").is_err());
-        assert!(make("--url wss://127.0.0.1:1/ --devices 1 --ping-size 126 --ping-kind binary").is_ok());
+        assert!(
+            make("--url wss://127.0.0.1:1/ --devices 1 --ping-size 126 --ping-kind binary").is_ok()
+        );
     }
 
     #[test]
     fn default_plan_spreads_100k_devices() {
-        let p = make("--url wss://127.0.0.1:8443/usg/endpoint --devices 100000 --ramp-rate 3000").unwrap();
+        let p = make("--url wss://127.0.0.1:8443/usg/endpoint --devices 100000 --ramp-rate 3000")
+            .unwrap();
         assert_eq!(p.workers.len(), 6);
-        assert_eq!(p.sources.len(), 5);
+        assert_eq!(p.sources.len(), 20);
         assert_eq!(p.workers.iter().map(|w| w.devices).sum::<u64>(), 100_000);
         assert!(p.workers.iter().all(|w| w.devices <= 18_000));
         assert_eq!(p.workers[0].ramp_rate, Some(500.0));

@@ -144,7 +144,10 @@ pub fn connect_rate(per_second: &[u64], ramp_secs: f64, established: u64) -> Con
         0.0
     };
     let full_seconds = (ramp_secs.floor() as usize).min(per_second.len());
-    let rates: Vec<f64> = per_second[..full_seconds].iter().map(|&c| c as f64).collect();
+    let rates: Vec<f64> = per_second[..full_seconds]
+        .iter()
+        .map(|&c| c as f64)
+        .collect();
     ConnectRate {
         overall_per_sec: round2(overall),
         median_per_sec: round2(median(&rates).unwrap_or(overall)),
@@ -226,8 +229,14 @@ mod tests {
     #[test]
     fn bytes_per_device_is_growth_over_devices() {
         let mib = 1024 * 1024;
-        assert_eq!(bytes_per_device(Some(10 * mib), Some(310 * mib), 2000), Some(157286.4));
-        assert_eq!(bytes_per_device(Some(10 * mib), Some(9 * mib), 1024), Some(-1024.0));
+        assert_eq!(
+            bytes_per_device(Some(10 * mib), Some(310 * mib), 2000),
+            Some(157286.4)
+        );
+        assert_eq!(
+            bytes_per_device(Some(10 * mib), Some(9 * mib), 1024),
+            Some(-1024.0)
+        );
         assert_eq!(bytes_per_device(Some(1), Some(2), 0), None);
         assert_eq!(bytes_per_device(None, Some(2), 10), None);
     }

@@ -21,7 +21,11 @@ pub fn fd_hard_limit() -> u64 {
 }
 
 fn finite(limit: u64) -> u64 {
-    if limit == RLIM_INFINITY { u64::MAX } else { limit }
+    if limit == RLIM_INFINITY {
+        u64::MAX
+    } else {
+        limit
+    }
 }
 
 /// Sets `IP_BIND_ADDRESS_NO_PORT` so that binding a source address defers the choice of
@@ -29,13 +33,20 @@ fn finite(limit: u64) -> u64 {
 /// (preferring half of it), which becomes slow once ~14,000 ports of one address are taken
 /// and collapses the connect rate.
 pub fn bind_address_no_port(socket: &impl std::os::fd::AsFd) -> std::io::Result<()> {
-    nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )?;
     Ok(())
 }
 
 /// Resident set size (`VmRSS`) of a process in bytes, or `None` if it is gone or unreadable.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
-    read_status_field(&Path::new("/proc").join(pid.to_string()).join("status"), "VmRSS:")
+    read_status_field(
+        &Path::new("/proc").join(pid.to_string()).join("status"),
+        "VmRSS:",
+    )
 }
 
 /// Resident set size of this process in bytes.

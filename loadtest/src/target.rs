@@ -109,16 +109,28 @@ mod tests {
     fn defaults_port_and_path() {
         let t = Target::parse("ws://localhost").unwrap();
         assert!(!t.secure);
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("localhost", 80, "/"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("localhost", 80, "/")
+        );
         let t = Target::parse("wss://[::1]/x?y=1").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("::1", 443, "/x?y=1"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("::1", 443, "/x?y=1")
+        );
         let t = Target::parse("wss://[::1]:9443").unwrap();
         assert_eq!(t.port, 9443);
     }
 
     #[test]
     fn rejects_bad_urls() {
-        for bad in ["https://x/", "127.0.0.1:8443", "wss://:8443/", "wss://h:0/", "wss://h:x/"] {
+        for bad in [
+            "https://x/",
+            "127.0.0.1:8443",
+            "wss://:8443/",
+            "wss://h:0/",
+            "wss://h:x/",
+        ] {
             assert!(Target::parse(bad).is_err(), "{bad} should be rejected");
         }
     }

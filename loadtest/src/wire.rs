@@ -248,7 +248,11 @@ mod tests {
         decode_histogram_into(&mut back, &pairs);
         assert_eq!(back.len(), 6);
         for q in [0.0, 0.5, 0.99, 1.0] {
-            assert_eq!(back.value_at_quantile(q), h.value_at_quantile(q), "quantile {q}");
+            assert_eq!(
+                back.value_at_quantile(q),
+                h.value_at_quantile(q),
+                "quantile {q}"
+            );
         }
     }
 

@@ -32,7 +32,10 @@ pub fn main(config_json: &str) -> ExitCode {
         }
     };
     if let Err(e) = crate::sys::raise_fd_limit() {
-        eprintln!("loadtest worker {}: cannot raise the open-file limit: {e}", config.index);
+        eprintln!(
+            "loadtest worker {}: cannot raise the open-file limit: {e}",
+            config.index
+        );
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -144,7 +147,13 @@ async fn run(config: WorkerConfig) -> ExitCode {
         };
         let id = config.first_device + i;
         stats.borrow_mut().progress.launched += 1;
-        devices.spawn_local(run_device(id, ctx.clone(), stats.clone(), phase_rx.clone(), permit));
+        devices.spawn_local(run_device(
+            id,
+            ctx.clone(),
+            stats.clone(),
+            phase_rx.clone(),
+            permit,
+        ));
         while devices.try_join_next().is_some() {}
     }
 

@@ -5,9 +5,30 @@
 //! * **Decoding** ([`Decoder`]): hand the decoder the bytes you have, as a mutable slice, and
 //!   call [`Decoder::decode`] in a loop; each call returns how many bytes it consumed and at
 //!   most one [`Event`]. Drop the consumed prefix, keep the rest, and call again until a call
-//!   returns `(0, None)` — then it needs more bytes. The decoder stashes a partial frame header
-//!   (≤ 14 bytes) and a split control payload (≤ 125 bytes) inside itself, so the caller never
-//!   has to keep unconsumed bytes except those `decode` did not consume in the current call.
+//!   returns `(0, None)` — then all input has been consumed and it needs more bytes. The
+//!   decoder stashes a partial frame header (≤ 14 bytes) and a split control payload
+//!   (≤ 125 bytes) inside itself, so the caller never keeps bytes between reads: every received
+//!   buffer can be recycled as soon as the loop ends.
+//!
+//!   ```
+//!   # use fleetgate::proto::ws::{Decoder, Event, Role, WsLimits, WsError};
+//!   fn on_bytes(decoder: &mut Decoder, mut buf: &mut [u8]) -> Result<(), WsError> {
+//!       loop {
+//!           let (consumed, event) = decoder.decode(buf)?;
+//!           match event {
+//!               Some(Event::Data { kind, payload, first, last }) => { /* relay the piece */ }
+//!               Some(Event::Ping(payload)) => { /* queue a pong with `payload` */ }
+//!               Some(Event::Pong(_)) => {}
+//!               Some(Event::Close(close)) => { /* reply with a close frame, then stop */ }
+//!               None if consumed == 0 => return Ok(()),
+//!               None => {}
+//!           }
+//!           buf = &mut buf[consumed..];
+//!       }
+//!   }
+//!   # let mut d = Decoder::new(Role::Server, WsLimits::default());
+//!   # on_bytes(&mut d, &mut [0x81, 0x80, 1, 2, 3, 4]).unwrap();
+//!   ```
 //! * **What is borrowed**: data payloads are unmasked *in place* in the input slice and an
 //!   [`Event::Data`] borrows that slice; control payloads borrow either the input or the
 //!   decoder's inline buffer. Either way the event must be dropped before the next call.
