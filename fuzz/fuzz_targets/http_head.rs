@@ -1,1 +1,2 @@
+#![no_main]
 libfuzzer_sys::fuzz_target!(|data: &[u8]| fleetgate::fuzzing::http::head(data));

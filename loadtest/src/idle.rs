@@ -434,6 +434,7 @@ impl Run {
             Event::Gone => {
                 worker.gone = true;
                 if worker.result.is_none() {
+                    worker.progress.connected = 0;
                     self.worker_failures.push(format!(
                         "worker {index} exited before reporting its results (its figures are partial)"
                     ));
@@ -563,8 +564,9 @@ impl Run {
         problems.extend(self.worker_failures.iter().cloned());
         let ok = problems.is_empty();
         let verdict = if ok {
+            let early = if self.interrupted { " (ended early by Ctrl-C)" } else { "" };
             format!(
-                "all {target} devices established and held for {:.0} s",
+                "all {target} devices established and held for {:.0} s{early}",
                 m.held.as_secs_f64()
             )
         } else {
