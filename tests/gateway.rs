@@ -479,3 +479,84 @@ both_drivers!(sigterm_closes_websockets_with_1001_and_exits_0, |driver| {
         }
     }
 });
+
+both_drivers!(tls_sessions_resume_with_tickets, |driver| {
+    let gw = Gateway::start(driver, None, &[]);
+    let sess = gw.dir.path().join("session.pem");
+    for v in ["-tls1_2", "-tls1_3"] {
+        let mut out = String::new();
+        for (i, flag) in ["-sess_out", "-sess_in"].iter().enumerate() {
+            let o = Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    &gw.addr.to_string(),
+                    "-servername",
+                    "localhost",
+                    v,
+                    "-CAfile",
+                    gw.root_pem().to_str().unwrap(),
+                    // Wait for the server to close (after the response): a TLS 1.3 ticket
+                    // arrives after the handshake, and s_client must still be reading.
+                    "-ign_eof",
+                    flag,
+                    sess.to_str().unwrap(),
+                ])
+                .stdin(std::process::Stdio::piped())
+                .output_with_input(b"GET /usg/check-status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            if i == 1 {
+                out = o;
+            }
+        }
+        assert!(
+            out.contains("Reused,"),
+            "{v}: the second connection did not resume:\n{out}"
+        );
+    }
+});
+
+/// Runs a command with `input` on stdin and returns stdout.
+trait OutputWithInput {
+    fn output_with_input(&mut self, input: &[u8]) -> String;
+}
+
+impl OutputWithInput for Command {
+    fn output_with_input(&mut self, input: &[u8]) -> String {
+        let mut child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+both_drivers!(subprotocol_is_negotiated_from_our_list, |driver| {
+    let gw = Gateway::start(driver, None, &[]);
+    let got = status_text(&raw_exchange(
+        &gw,
+        upgrade_request(
+            "/usg/endpoint",
+            "Sec-WebSocket-Protocol: chat, fleetgate.v1\r\nConnection: close\r\n",
+        )
+        .as_bytes(),
+        Duration::from_secs(2),
+    ));
+    assert!(got.starts_with("HTTP/1.1 101"), "{got}");
+    assert!(
+        got.contains("Sec-WebSocket-Protocol: fleetgate.v1\r\n"),
+        "{got}"
+    );
+    let got = status_text(&raw_exchange(
+        &gw,
+        upgrade_request("/usg/endpoint", "Sec-WebSocket-Protocol: chat\r\n").as_bytes(),
+        Duration::from_secs(2),
+    ));
+    assert!(got.starts_with("HTTP/1.1 101"), "{got}");
+    assert!(
+        !got.contains("Sec-WebSocket-Protocol"),
+        "unknown protocols are not echoed: {got}"
+    );
+});
