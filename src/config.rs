@@ -265,16 +265,64 @@ impl Default for StatusConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// Log filter in `tracing` EnvFilter syntax, e.g. `info` or `info,fleetgate::shard=debug`.
-    /// `RUST_LOG` overrides it. Default `info`.
+    /// Log filter in `tracing` EnvFilter syntax: a default level, then per-module overrides,
+    /// e.g. `info` or `warn,fleetgate::shard=debug,rustls=off`. Levels: `off`, `error`, `warn`,
+    /// `info`, `debug`, `trace`. `RUST_LOG` overrides it. Default `info`.
     pub level: String,
+    /// Log file. Empty (the default): log to stderr, which journald collects under systemd
+    /// (with each line's priority, so `journalctl -p warning` works). A path: append to that
+    /// file and rotate it by size (`fleetgate.log` → `fleetgate.log.1` …). A relative path is
+    /// relative to the working directory (the systemd unit's is `/var/lib/fleetgate`; the unit
+    /// makes `/var/log/fleetgate` writable).
+    pub file: PathBuf,
+    /// With `file`: rotate when the file would grow past this many MiB. Default 100.
+    pub max_size_mb: u64,
+    /// With `file`: rotated files kept (`.1` newest … `.N` oldest; older ones are deleted).
+    /// 0 keeps none: a full file is deleted and started afresh. Default 5: with
+    /// `max_size_mb` 100 the logs never take more than 600 MiB of disk.
+    pub keep: u32,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
+            file: PathBuf::new(),
+            max_size_mb: 100,
+            keep: 5,
         }
+    }
+}
+
+impl LogConfig {
+    /// Checks the `[log]` values (called by [`Config::validate`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.level) {
+            return Err(ConfigError::Invalid {
+                key: "log.level",
+                message: format!(
+                    "not a valid filter ({e}); use e.g. \"info\" or \"info,fleetgate::shard=debug\""
+                ),
+            });
+        }
+        if !(1..=1 << 20).contains(&self.max_size_mb) {
+            return Err(ConfigError::Invalid {
+                key: "log.max_size_mb",
+                message: "must be between 1 and 1048576".into(),
+            });
+        }
+        if self.keep > 1000 {
+            return Err(ConfigError::Invalid {
+                key: "log.keep",
+                message: "must be between 0 and 1000".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `max_size_mb` in bytes.
+    pub fn max_size_bytes(&self) -> u64 {
+        self.max_size_mb.saturating_mul(1 << 20)
     }
 }
 
@@ -366,6 +414,7 @@ impl Config {
         if self.status.interval_secs == 0 {
             return bad("status.interval_secs", "must be at least 1");
         }
+        self.log.validate()?;
         Ok(())
     }
 

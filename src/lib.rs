@@ -16,6 +16,7 @@ pub mod buf;
 pub mod cli;
 pub mod config;
 pub mod driver;
+pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod proto;

@@ -560,3 +560,16 @@ both_drivers!(subprotocol_is_negotiated_from_our_list, |driver| {
         "unknown protocols are not echoed: {got}"
     );
 });
+
+both_drivers!(a_head_trickled_byte_by_byte_is_served, |driver| {
+    let gw = Gateway::start(driver, None, &[]);
+    let mut s = gw.tls();
+    // Each byte is its own TLS record.
+    for b in b"GET /usg/check-status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" {
+        s.write_all(&[*b]).unwrap();
+        s.flush().unwrap();
+    }
+    let got = status_text(&read_all(&mut s));
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+    assert!(got.ends_with("{\"status\":\"warn\"}"), "{got}");
+});

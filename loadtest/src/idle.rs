@@ -564,7 +564,11 @@ impl Run {
         problems.extend(self.worker_failures.iter().cloned());
         let ok = problems.is_empty();
         let verdict = if ok {
-            let early = if self.interrupted { " (ended early by Ctrl-C)" } else { "" };
+            let early = if self.interrupted {
+                " (ended early by Ctrl-C)"
+            } else {
+                ""
+            };
             format!(
                 "all {target} devices established and held for {:.0} s{early}",
                 m.held.as_secs_f64()

@@ -1,8 +1,6 @@
 //! `loadtest`: simulates fleets of devices against fleetgate or any other `ws://`/`wss://`
 //! server and measures what they cost it. See `loadtest/README.md`.
 
-#![forbid(unsafe_code)]
-
 mod baseline;
 mod device;
 mod idle;

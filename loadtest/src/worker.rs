@@ -49,7 +49,10 @@ pub fn main(config_json: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    LocalSet::new().block_on(&runtime, run(config))
+    let code = LocalSet::new().block_on(&runtime, run(config));
+    // Do not wait for the blocking stdin reader: the parent may keep the pipe open.
+    runtime.shutdown_background();
+    code
 }
 
 /// Writes one report line to stdout. A vanished parent is noticed through stdin instead.

@@ -1,3 +1,5 @@
 //! Command-line front ends over the library (`fleetgate <command> …`).
 
 pub mod pki;
+pub mod sizing;
+pub mod status;

@@ -460,7 +460,17 @@ impl Handler<'_> {
                         (http::parse_request(data, &self.settings.http), false)
                     } else {
                         head.extend_from_slice(data);
-                        (http::parse_request(head, &self.settings.http), true)
+                        // A head can only complete with a new line feed: a client trickling
+                        // bytes costs a re-parse only when one arrives (linear, not
+                        // quadratic), while the size limit is still enforced at once.
+                        let parsed = if data.contains(&b'\n')
+                            || head.len() > self.settings.http.max_head_bytes
+                        {
+                            http::parse_request(head, &self.settings.http)
+                        } else {
+                            Ok(Parsed::Incomplete)
+                        };
+                        (parsed, true)
                     };
                     match parsed {
                         Ok(Parsed::Incomplete) => {

@@ -65,6 +65,8 @@ pub struct Shard<D: Driver> {
     commands: Receiver<Command>,
     epoch: Instant,
     drain_until: Option<u64>,
+    /// Accept errors so far (logged at powers of two, so a storm does not flood the log).
+    accept_errors: u64,
 }
 
 impl<D: Driver> std::fmt::Debug for Shard<D> {
@@ -105,6 +107,7 @@ impl<D: Driver> Shard<D> {
             commands,
             epoch: Instant::now(),
             drain_until: None,
+            accept_errors: 0,
         }
     }
 
@@ -163,7 +166,25 @@ impl<D: Driver> Shard<D> {
             Event::Accepted { sock, peer } => self.on_accept(sock, peer),
             Event::AcceptError(e) => {
                 self.stats().error(ErrorKind::Accept);
-                tracing::warn!(shard = self.id, error = %e, "accept failed");
+                let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                if out_of_fds {
+                    // Out of descriptors (fd limit or a full fixed table): stop accepting
+                    // until a connection closes, instead of spinning on the error. Waiting
+                    // clients stay in the listen backlog.
+                    self.accepting = false;
+                    self.driver.set_accepting(false);
+                }
+                self.accept_errors += 1;
+                if self.accept_errors.is_power_of_two() {
+                    tracing::warn!(
+                        shard = self.id,
+                        error = %e,
+                        count = self.accept_errors,
+                        connections = self.conns.len(),
+                        "accept failed{}",
+                        if out_of_fds { "; pausing accepts until a connection closes" } else { "" }
+                    );
+                }
             }
             Event::Data { key, buf, len } => {
                 if !self.live(key) || self.conns[key.slot as usize].closing {
