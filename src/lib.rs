@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod proto;
+pub mod registry;
 pub mod server;
 pub mod shard;
 pub mod status;

@@ -287,6 +287,25 @@ fn run_shard<D: Driver>(
 fn bind_listeners(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, StartError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |source| StartError::Listen { addr, source };
+    // SO_REUSEPORT would let us share the port silently with another process of the same user
+    // (an old gateway that did not stop, say), and the kernel would then split connections
+    // between the two. Bind once without it first: that fails if anyone holds the port.
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(err)?;
+        probe.set_reuse_address(true).map_err(err)?;
+        probe.bind(&addr.into()).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                err(std::io::Error::new(
+                    e.kind(),
+                    "the port is already in use (another fleetgate still running?)",
+                ))
+            } else {
+                err(e)
+            }
+        })?;
+        drop(probe);
+    }
     let mut out = Vec::with_capacity(n);
     let mut bound = addr;
     for _ in 0..n {

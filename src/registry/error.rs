@@ -67,6 +67,9 @@ pub enum RegistryError {
     /// No device (active or revoked) has this unit ID.
     #[error("no device with unit ID {0}")]
     DeviceNotFound(String),
+    /// The database contradicts an invariant the registry keeps (a bug or outside tampering).
+    #[error("registry inconsistency: {0}")]
+    Inconsistent(String),
     /// The online backup failed.
     #[error("backup to {path} failed: {message}")]
     Backup {

@@ -19,7 +19,8 @@
 //!   the device certificate, unique, so lookups on reconnect use its index), `serial`,
 //!   `not_after`, `key_id` (the key used; NULL once the key is deleted), `registered_at`,
 //!   `registered_from`, `last_seen`, `address`, `revoked_at`, `revoked_reason`
-//!   (`removed` or `superseded`).
+//!   (`removed` or `superseded`), `spki_sha256` (SHA-256 of the device's public key, for the
+//!   retry rule of [`consume_key`](super::Registry::consume_key)).
 //! * `audit` — append-only: `at`, `actor`, `action`, `outcome`, `unit_id`, `address`, `key_id`,
 //!   `device_id`, `detail`.
 //!
@@ -67,7 +68,8 @@ fn v0_to_v1(tx: &Transaction<'_>) -> rusqlite::Result<()> {
             last_seen       INTEGER,
             address         TEXT,
             revoked_at      INTEGER,
-            revoked_reason  TEXT
+            revoked_reason  TEXT,
+            spki_sha256     BLOB
         );
         CREATE INDEX devices_by_unit ON devices (unit_id);
         CREATE INDEX devices_by_key ON devices (key_id);
