@@ -47,7 +47,7 @@ VERSION=$(version_of "$NEW_BIN")
 if installed_by_dpkg && [ "$FORCE" != yes ]; then
     die "the Debian package fleetgate is installed; upgrade it with apt/dpkg (or pass --force)"
 fi
-[ -n "$ROOT" ] && say "installing fleetgate $VERSION below $ROOT" || say "installing fleetgate $VERSION"
+say "installing fleetgate $VERSION${ROOT:+ below $ROOT}"
 
 # 1. User and group.
 if [ -n "$ROOT" ]; then

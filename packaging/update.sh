@@ -181,13 +181,17 @@ else
     foreground_help
 fi
 
-# 7. Old backups.
-n=0
-for b in $(ls -1d "$D"/backups/update-* 2>/dev/null | sort -r); do
-    n=$((n + 1))
-    if [ "$n" -gt "$KEEP" ]; then
-        rm -rf "$b"
-        say "removed old backup $b"
-    fi
+# 7. Old backups: keep the newest $KEEP (names sort by time).
+total=0
+for b in "$D"/backups/update-*; do
+    [ -d "$b" ] && total=$((total + 1))
+done
+excess=$((total - KEEP))
+for b in "$D"/backups/update-*; do
+    [ "$excess" -gt 0 ] || break
+    [ -d "$b" ] || continue
+    rm -rf "$b"
+    say "removed old backup $b"
+    excess=$((excess - 1))
 done
 say "done: fleetgate $NEW_VERSION"

@@ -16,6 +16,8 @@ pub mod buf;
 pub mod cli;
 pub mod config;
 pub mod driver;
+pub mod export;
+pub mod mail;
 pub mod logging;
 pub mod metrics;
 pub mod pki;

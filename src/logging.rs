@@ -19,8 +19,8 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal as _, Write};
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::os::fd::AsFd as _;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -55,8 +55,7 @@ impl LogGuard {
 pub fn init(cfg: &LogConfig) -> anyhow::Result<LogGuard> {
     let (filter, rust_log_error) = filter(cfg)?;
     let (subscriber, guard) = build(cfg, filter)?;
-    tracing::subscriber::set_global_default(subscriber)
-        .context("a logger is already installed")?;
+    tracing::subscriber::set_global_default(subscriber).context("a logger is already installed")?;
     if let Some(e) = rust_log_error {
         tracing::warn!("RUST_LOG ignored ({e}); using log.level {:?}", cfg.level);
     }
@@ -302,8 +301,14 @@ mod tests {
                 .unwrap(); // 15 bytes: one line per file
         }
         assert_eq!(read(&path), "line 06 ......\n");
-        assert_eq!(read(&dir.path().join("fleetgate.log.1")), "line 05 ......\n");
-        assert_eq!(read(&dir.path().join("fleetgate.log.2")), "line 04 ......\n");
+        assert_eq!(
+            read(&dir.path().join("fleetgate.log.1")),
+            "line 05 ......\n"
+        );
+        assert_eq!(
+            read(&dir.path().join("fleetgate.log.2")),
+            "line 04 ......\n"
+        );
         assert!(!dir.path().join("fleetgate.log.3").exists());
         let mode = std::os::unix::fs::PermissionsExt::mode(&path.metadata().unwrap().permissions());
         assert_eq!(mode & 0o777 & !0o640, 0, "mode {mode:o}");
@@ -357,7 +362,10 @@ mod tests {
         drop(guard); // flushes
         let old = read(&dir.path().join("gw.log.1"));
         let new = read(&cfg.file);
-        assert!(old.contains("WARN") && old.contains("kept warning"), "{old:.200}");
+        assert!(
+            old.contains("WARN") && old.contains("kept warning"),
+            "{old:.200}"
+        );
         assert!(old.contains("kept info"));
         assert!(!old.contains("filtered out"));
         assert!(!old.contains('\u{1b}'), "no ANSI in files");

@@ -52,7 +52,12 @@ fn attempt(reg: &mut Registry, key: &str, unit: &str, cred: &DeviceCredential) -
         now: T0,
     }) {
         Ok(_) => Reason::Granted,
-        Err(e) => e.reason(),
+        Err(e) => {
+            if e.reason() == Reason::InternalError {
+                eprintln!("attempt for {unit}: {e}");
+            }
+            e.reason()
+        }
     }
 }
 
@@ -163,8 +168,15 @@ fn granted_lines(out: impl std::io::Read) -> Vec<usize> {
     BufReader::new(out)
         .lines()
         .map_while(Result::ok)
-        .filter_map(|l| l.strip_prefix("GRANTED ").map(|i| i.parse().unwrap()))
+        .filter_map(|l| granted_index(&l))
         .collect()
+}
+
+/// The index in a `GRANTED <index>` line. The test harness may print its own text on the same
+/// line first ("test child_worker ... "), so the marker is searched, not expected at the start.
+fn granted_index(line: &str) -> Option<usize> {
+    let at = line.find("GRANTED ")?;
+    Some(line[at + 8..].trim().parse().unwrap())
 }
 
 #[test]
@@ -229,8 +241,8 @@ fn kill_9_during_a_registration_storm_loses_nothing_committed_and_grants_nothing
     while reported.len() < 200 {
         line.clear();
         assert!(out.read_line(&mut line).unwrap() > 0, "child ended early");
-        if let Some(i) = line.trim().strip_prefix("GRANTED ") {
-            reported.push(i.parse::<usize>().unwrap());
+        if let Some(i) = granted_index(&line) {
+            reported.push(i);
         }
     }
     child.0.kill().unwrap(); // SIGKILL
@@ -304,25 +316,19 @@ fn child_worker() {
             let handles: Vec<_> = (0..2u32)
                 .map(|t| {
                     let (db, keys) = (db.clone(), keys.clone());
-                    let stdout = &stdout;
                     let tag = id * 2 + t;
-                    std::thread::scope(|_| ());
-                    std::thread::spawn({
-                        let stdout = stdout as *const _ as usize;
-                        let _ = stdout;
-                        move || {
-                            let mut reg = open(&db);
-                            let mut won = Vec::new();
-                            for (i, k) in keys.iter().enumerate() {
-                                let unit = format!("P{tag}-{i}");
-                                if attempt(&mut reg, k, &unit, &credential(tag, i as u32))
-                                    == Reason::Granted
-                                {
-                                    won.push(i);
-                                }
+                    std::thread::spawn(move || {
+                        let mut reg = open(&db);
+                        let mut won = Vec::new();
+                        for (i, k) in keys.iter().enumerate() {
+                            let unit = format!("P{tag}-{i}");
+                            if attempt(&mut reg, k, &unit, &credential(tag, i as u32))
+                                == Reason::Granted
+                            {
+                                won.push(i);
                             }
-                            won
                         }
+                        won
                     })
                 })
                 .collect();

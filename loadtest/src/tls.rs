@@ -63,9 +63,13 @@ pub fn client_config(trust: &Trust, versions: TlsVersions) -> Result<Arc<ClientC
                 provider().signature_verification_algorithms,
             )))
             .with_no_client_auth(),
-        Trust::Ca(path) => builder
-            .with_root_certificates(load_roots(path)?)
-            .with_no_client_auth(),
+        Trust::Ca(path) => {
+            let roots = Arc::new(load_roots(path)?);
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(CachingVerifier::new(roots)?)
+                .with_no_client_auth()
+        }
         Trust::System => {
             let path = std::env::var_os("SSL_CERT_FILE")
                 .map(PathBuf::from)
@@ -79,8 +83,10 @@ pub fn client_config(trust: &Trust, versions: TlsVersions) -> Result<Arc<ClientC
                     "no --ca given and no system CA bundle found: pass --ca FILE \
                      (fleetgate: DATA_DIR/root.pem) or --insecure",
                 )?;
+            let roots = Arc::new(load_roots(&path)?);
             builder
-                .with_root_certificates(load_roots(&path)?)
+                .dangerous()
+                .with_custom_certificate_verifier(CachingVerifier::new(roots)?)
                 .with_no_client_auth()
         }
     };
@@ -163,5 +169,98 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_schemes()
+    }
+}
+
+/// Full WebPKI verification of the server's chain, remembered for one minute: thousands of
+/// simulated devices of one worker meet the same chain, and re-verifying it for each would
+/// make the load generator, not the server, the bottleneck of a connect ramp. The
+/// per-connection proof that the server holds the key (the handshake signature) is still
+/// checked on every connection, so the server does exactly the work a real fleet causes.
+#[derive(Debug)]
+struct CachingVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    last: std::sync::Mutex<Option<VerifiedChain>>,
+}
+
+#[derive(Debug)]
+struct VerifiedChain {
+    end_entity: Vec<u8>,
+    intermediates: Vec<Vec<u8>>,
+    server_name: String,
+    at: std::time::Instant,
+}
+
+impl CachingVerifier {
+    fn new(roots: Arc<RootCertStore>) -> Result<Arc<Self>> {
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .context("certificate verifier")?;
+        Ok(Arc::new(Self {
+            inner,
+            last: std::sync::Mutex::new(None),
+        }))
+    }
+}
+
+impl ServerCertVerifier for CachingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let name = server_name.to_str();
+        if let Some(c) = self.last.lock().expect("not poisoned").as_ref() {
+            if c.at.elapsed() < std::time::Duration::from_secs(60)
+                && c.end_entity == end_entity.as_ref()
+                && c.server_name == name
+                && c.intermediates.len() == intermediates.len()
+                && c.intermediates
+                    .iter()
+                    .zip(intermediates)
+                    .all(|(a, b)| a.as_slice() == b.as_ref())
+            {
+                return Ok(ServerCertVerified::assertion());
+            }
+        }
+        let ok = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        *self.last.lock().expect("not poisoned") = Some(VerifiedChain {
+            end_entity: end_entity.to_vec(),
+            intermediates: intermediates.iter().map(|c| c.to_vec()).collect(),
+            server_name: name.into_owned(),
+            at: std::time::Instant::now(),
+        });
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }

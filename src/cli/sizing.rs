@@ -74,9 +74,9 @@ pub const FIGURES: Figures = Figures {
     },
     process_base: Figure {
         what: "RSS of a started gateway without connections",
-        value: 12.0 * KIB * KIB,
+        value: 8.0 * KIB * KIB,
         unit: "bytes",
-        source: "`fleetgate status` right after start, release build, 2 shards, receive buffers not yet touched (docs/operations.md, \"Sizing\")",
+        source: "fleetgate_resident_memory_bytes right after start: 7.6 MiB (release build, 2 shards, io_uring, receive buffers untouched) (docs/operations.md, \"Sizing\")",
     },
     transfer_window: Figure {
         what: "credit window per running transfer",
@@ -85,22 +85,22 @@ pub const FIGURES: Figures = Figures {
         source: "default until the relay defines its window (docs/architecture.md, \"Backpressure\"); --window overrides",
     },
     cpu_full_handshake: Figure {
-        what: "CPU per full TLS handshake (ECDSA P-256, X25519) + upgrade",
-        value: 250.0,
+        what: "CPU per full TLS handshake (ECDSA P-256) + upgrade",
+        value: 500.0,
         unit: "µs",
-        source: "gateway CPU time / handshakes under `openssl s_time -new`, release build (docs/operations.md, \"Sizing\"); rounded up",
+        source: "gateway user+sys time per connection under `openssl s_time -new`: TLS 1.3 435 µs, TLS 1.2 378 µs, TCP accept and close included; rounded up for the upgrade (docs/operations.md, \"Sizing\")",
     },
     cpu_resumed_handshake: Figure {
         what: "CPU per resumed TLS handshake + upgrade",
-        value: 100.0,
+        value: 150.0,
         unit: "µs",
-        source: "gateway CPU time / handshakes under `openssl s_time -reuse`, release build (docs/operations.md, \"Sizing\"); rounded up",
+        source: "gateway user+sys time per connection under `openssl s_time -reuse -tls1_2`: 137 µs; rounded up (docs/operations.md, \"Sizing\")",
     },
     cpu_keepalive: Figure {
         what: "CPU per keep-alive ping + pong",
         value: 20.0,
         unit: "µs",
-        source: "estimate: two small TLS records and four system calls; to be replaced by a `loadtest idle` measurement",
+        source: "estimate: one small TLS record out (ping), one in (pong), and their I/O; to be replaced by a `loadtest idle` measurement",
     },
 };
 
@@ -165,7 +165,8 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "g" | "gib" | "gb" => 1 << 30,
         u => return Err(format!("unknown unit {u:?} (use KiB, MiB or GiB)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// The computed budget.
@@ -269,9 +270,7 @@ pub fn report(args: &SizingArgs) -> anyhow::Result<String> {
         (None, 0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
         (None, s) => s,
     } as u64;
-    let window = args
-        .window
-        .unwrap_or(FIGURES.transfer_window.value as u64);
+    let window = args.window.unwrap_or(FIGURES.transfer_window.value as u64);
     let b = budget(
         args.devices,
         args.management,
@@ -296,7 +295,8 @@ pub fn report(args: &SizingArgs) -> anyhow::Result<String> {
     );
     let _ = writeln!(w, "Memory");
     let row = |w: &mut String, what: &str, v: f64, how: String| {
-        let _ = writeln!(w, "  {what:<30} {:>11}   {how}", hb(v));
+        let line = format!("  {what:<30} {:>11}   {how}", hb(v));
+        let _ = writeln!(w, "{}", line.trim_end());
     };
     row(w, "process base", b.base, String::new());
     row(
@@ -342,6 +342,12 @@ pub fn report(args: &SizingArgs) -> anyhow::Result<String> {
             hb(b.total() * MEMORY_HEADROOM)
         ),
     );
+    if args.transfers > 0 {
+        let _ = writeln!(
+            w,
+            "  (busy sockets also hold kernel buffers, up to the maximum of net.ipv4.tcp_rmem/tcp_wmem each)"
+        );
+    }
     let _ = writeln!(w, "\nCPU");
     let _ = writeln!(
         w,
@@ -355,7 +361,7 @@ pub fn report(args: &SizingArgs) -> anyhow::Result<String> {
     let _ = writeln!(
         w,
         "  {:<30} {:>11}   all {shards} cores busy; {:.0} µs per full handshake",
-        "whole fleet reconnects",
+        "whole fleet reconnects (CPU)",
         format!("{:.1} s", b.storm_full_secs),
         f.cpu_full_handshake.value
     );
@@ -438,7 +444,10 @@ mod tests {
             config: None,
         };
         let text = report(&args).unwrap();
-        assert!(text.contains("limits.max_connections_per_shard ≥ 60001"), "{text}");
+        assert!(
+            text.contains("limits.max_connections_per_shard ≥ 60001"),
+            "{text}"
+        );
         assert!(text.contains("RAISE IT"), "{text}");
         assert!(text.contains("docs/benchmarks.md"), "{text}");
         assert!(text.contains("LimitNOFILE ≥ 100257"), "{text}");

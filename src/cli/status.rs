@@ -314,9 +314,9 @@ impl Target {
     fn parse(url: &str) -> anyhow::Result<Self> {
         let rest = match url.split_once("://") {
             Some(("https" | "wss", rest)) => rest,
-            Some((scheme, _)) => bail!(
-                "--url {url:?}: the gateway speaks TLS only; use https://, not {scheme}://"
-            ),
+            Some((scheme, _)) => {
+                bail!("--url {url:?}: the gateway speaks TLS only; use https://, not {scheme}://")
+            }
             None => url,
         };
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
@@ -770,12 +770,23 @@ fleetgate_resident_memory_bytes 25165824\n";
             },
         };
         let text = report("warn").render();
-        assert!(text.starts_with("fleetgate https://localhost:8443: WARN (serving, but no management"));
-        assert!(text.contains("5 devices, 1 management, 7 TCP in all on 2 shards"), "{text}");
-        assert!(text.contains("registrations_total{result=accepted} 4"), "{text}");
+        assert!(
+            text.starts_with("fleetgate https://localhost:8443: WARN (serving, but no management")
+        );
+        assert!(
+            text.contains("5 devices, 1 management, 7 TCP in all on 2 shards"),
+            "{text}"
+        );
+        assert!(
+            text.contains("registrations_total{result=accepted} 4"),
+            "{text}"
+        );
         assert!(text.contains("5 at the connection limit"), "{text}");
         assert!(text.contains("11 (TLS 1.3: 9, TLS 1.2: 2)"), "{text}");
-        assert!(text.contains("errors         tls 1, shard_full 5\n"), "{text}");
+        assert!(
+            text.contains("errors         tls 1, shard_full 5\n"),
+            "{text}"
+        );
         assert!(text.contains("RSS 24.0 MiB"), "{text}");
         assert!(text.contains("version 0.1.0, driver uring"), "{text}");
         assert_eq!(report("ok").exit_code(), 0);
@@ -788,7 +799,10 @@ fleetgate_resident_memory_bytes 25165824\n";
             outcome: Outcome::Unreachable("refused".into()),
         };
         assert_eq!(down.exit_code(), 2);
-        assert_eq!(down.render(), "fleetgate https://x:1: UNREACHABLE: refused\n");
+        assert_eq!(
+            down.render(),
+            "fleetgate https://x:1: UNREACHABLE: refused\n"
+        );
     }
 
     #[test]
