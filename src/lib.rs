@@ -15,6 +15,7 @@
 pub mod buf;
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod driver;
 pub mod export;
 pub mod mail;

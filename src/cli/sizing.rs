@@ -459,6 +459,33 @@ mod tests {
     }
 
     #[test]
+    fn command_line() {
+        use clap::{CommandFactory as _, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sizing: SizingArgs,
+        }
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from([
+            "sizing",
+            "--devices",
+            "5000",
+            "--transfers",
+            "3",
+            "--window",
+            "1MiB",
+        ])
+        .unwrap();
+        assert_eq!(c.sizing.devices, 5000);
+        assert_eq!(c.sizing.window, Some(1 << 20));
+        assert!(
+            Cli::try_parse_from(["sizing"]).is_err(),
+            "--devices is required"
+        );
+    }
+
+    #[test]
     fn sizes_parse() {
         assert_eq!(parse_bytes("256KiB"), Ok(256 << 10));
         assert_eq!(parse_bytes("1 MiB"), Ok(1 << 20));

@@ -829,6 +829,22 @@ fleetgate_resident_memory_bytes 25165824\n";
     }
 
     #[test]
+    fn command_line() {
+        use clap::{CommandFactory as _, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            status: StatusArgs,
+        }
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from(["status", "--url", "https://gw:9443", "--insecure"]).unwrap();
+        assert_eq!(c.status.url.as_deref(), Some("https://gw:9443"));
+        assert!(c.status.insecure && c.status.ca.is_none());
+        assert_eq!(c.status.timeout, 5);
+        assert!(Cli::try_parse_from(["status", "--ca", "x.pem", "--insecure"]).is_err());
+    }
+
+    #[test]
     fn unreachable_port_is_exit_2_with_a_reason() {
         // A port nobody listens on: bind, learn the port, close.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
