@@ -89,17 +89,17 @@ check_data_dir() {
     */../* | */.. | *//*) die "data dir $1: use a plain absolute path" ;;
     / | /*/) die "data dir $1: refusing a top-level or trailing-slash path" ;;
     /bin | /boot | /dev | /etc | /home | /lib | /lib32 | /lib64 | /libx32 | /media | /mnt | /opt | /proc | /root | /run | /sbin | /srv | /sys | /tmp | /usr | /var) die "data dir $1: refusing a system directory" ;;
-    /usr/* | /var/lib | /var/log | /var/cache | /var/backups | /etc/*/) die "data dir $1: refusing a system directory" ;;
+    /usr/* | /var/lib | /var/log | /var/cache | /var/backups) die "data dir $1: refusing a system directory" ;;
     esac
 }
 
 # Copies $1 to $2 atomically (temporary file in the target directory, then rename) with mode $3.
 install_file() {
     tmp="$2.new.$$"
-    cp "$1" "$tmp" && chmod "$3" "$tmp" && mv -f "$tmp" "$2" || {
+    if ! { cp "$1" "$tmp" && chmod "$3" "$tmp" && mv -f "$tmp" "$2"; }; then
         rm -f "$tmp"
         die "cannot install $2"
-    }
+    fi
 }
 
 # "fleetgate 0.1.0" → "0.1.0"; empty when the binary does not run.

@@ -39,7 +39,9 @@ DATA=$(data_dir) # read before the configuration is removed
 check_data_dir "$DATA"
 
 echo "This removes fleetgate${ROOT:+ below $ROOT}:"
-echo "  the service and $UNIT"
+if [ -f "$(r "$UNIT")" ] || systemd_running; then
+    echo "  the service and $UNIT"
+fi
 echo "  $BIN"
 echo "  $CONF_DIR (the configuration)"
 if [ "$KEEP_DATA" = yes ]; then

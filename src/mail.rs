@@ -200,12 +200,12 @@ pub fn parse_recipients(list: &str) -> Result<Vec<Mailbox>, MailError> {
         if address.is_empty() {
             continue;
         }
-        let mailbox: Mailbox = address.parse().map_err(|e: lettre::address::AddressError| {
-            MailError::BadRecipient {
+        let mailbox: Mailbox = address
+            .parse()
+            .map_err(|e: lettre::address::AddressError| MailError::BadRecipient {
                 address: address.to_owned(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         out.push(mailbox);
     }
     if out.is_empty() {
@@ -292,8 +292,8 @@ pub fn transport(config: &MailConfig) -> Result<SmtpTransport, MailError> {
                 return Err(ca_err("no CERTIFICATE in the file".into()));
             }
             for der in certs {
-                let cert = Certificate::from_der(der.to_vec())
-                    .map_err(|e| ca_err(e.to_string()))?;
+                let cert =
+                    Certificate::from_der(der.to_vec()).map_err(|e| ca_err(e.to_string()))?;
                 params = params.add_root_certificate(cert);
             }
         }
@@ -377,7 +377,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.tls, c.effective_port()), (MailTls::Implicit, 465));
-        assert!(toml::from_str::<MailConfig>("server = \"s\"\nfrom = \"f@x\"\nstarttls = true").is_err());
+        assert!(
+            toml::from_str::<MailConfig>("server = \"s\"\nfrom = \"f@x\"\nstarttls = true")
+                .is_err()
+        );
         let half = MailConfig {
             username: Some("u".into()),
             ..MailConfig::new("s", "f@x.example")

@@ -106,7 +106,11 @@ impl Dnsmasq {
             if self.child.try_wait().unwrap().is_some() {
                 return false;
             }
-            assert!(Instant::now() < deadline, "dnsmasq did not start: {}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "dnsmasq did not start: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

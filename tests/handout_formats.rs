@@ -98,7 +98,12 @@ fn icg_xml_parses_back_to_the_input() {
                 .collect();
             let indexes: Vec<&str> = parts.iter().map(|(i, _)| i.as_str()).collect();
             assert_eq!(indexes, ["1", "2", "3", "4"]);
-            got.push((key.clone(), host, port, parts.into_iter().map(|p| p.1).collect()));
+            got.push((
+                key.clone(),
+                host,
+                port,
+                parts.into_iter().map(|p| p.1).collect(),
+            ));
         }
     }
     assert_eq!(got, expected());
@@ -111,7 +116,10 @@ fn icg_html_shows_everything_escaped_one_table_per_key() {
     assert!(!html.contains("<script>"), "{html}");
     assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
     assert!(html.contains("@media print"), "print CSS");
-    assert!(!html.contains("src=") && !html.contains("href="), "self-contained");
+    assert!(
+        !html.contains("src=") && !html.contains("href="),
+        "self-contained"
+    );
 
     // The page is also well-formed XML: read the tables back.
     let doc = roxmltree::Document::parse_with_options(

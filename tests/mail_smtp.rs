@@ -240,7 +240,11 @@ for part in msg.walk():
         .arg(path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut reader = BufReader::new(&out.stdout[..]);
     let (mut headers, mut parts) = (Vec::new(), Vec::new());
     let mut line = String::new();
@@ -278,7 +282,11 @@ fn assert_stored_handout(server: &SmtpServer, fx: &Fixture, to: &[&str]) {
     assert_eq!(header("Subject"), "Gateway registration");
     for addr in to {
         assert!(header("To").contains(addr), "To: {}", header("To"));
-        assert!(header("X-RcptTo").contains(addr), "envelope: {}", header("X-RcptTo"));
+        assert!(
+            header("X-RcptTo").contains(addr),
+            "envelope: {}",
+            header("X-RcptTo")
+        );
     }
     assert_eq!(parts.len(), 3, "{parts:?}");
 
@@ -380,7 +388,10 @@ fn starttls_required_but_not_offered_sends_nothing() {
     )
     .unwrap_err();
     assert!(matches!(err, MailError::Send { .. }), "{err}");
-    assert!(err.to_string().contains(&format!("127.0.0.1:{}", server.port)));
+    assert!(
+        err.to_string()
+            .contains(&format!("127.0.0.1:{}", server.port))
+    );
     assert!(err.to_string().contains("STARTTLS"), "{err}");
     assert!(server.stored().is_empty());
 }

@@ -3,7 +3,7 @@
 
 use fleetgate::pki::Fingerprint;
 use fleetgate::registry::{
-    DeviceCredential, KeyFilter, KeyKind, KeyRef, Reason, Registry, RegistrationRequest, schema,
+    DeviceCredential, KeyFilter, KeyKind, KeyRef, Reason, RegistrationRequest, Registry, schema,
 };
 
 /// A frozen copy of what version 1 created. Never edit: it stands for files in the field.
@@ -95,7 +95,7 @@ fn a_version_1_registry_is_migrated_and_keeps_its_data() {
 
     let mut reg = Registry::open_in(dir.path()).unwrap();
     assert_eq!(reg.schema_version().unwrap(), schema::LATEST);
-    assert!(schema::LATEST >= 2);
+    const { assert!(schema::LATEST >= 2) };
 
     // The data survived.
     let keys = reg.list_keys(KeyFilter::All).unwrap();
@@ -110,7 +110,10 @@ fn a_version_1_registry_is_migrated_and_keeps_its_data() {
     // acknowledges it.
     let root = Fingerprint([0xEE; 32]);
     assert_eq!(reg.count_devices_lacking_root(&root, T0).unwrap(), 1);
-    assert!(reg.set_device_root(&Fingerprint([0x42; 32]), &root).unwrap());
+    assert!(
+        reg.set_device_root(&Fingerprint([0x42; 32]), &root)
+            .unwrap()
+    );
     assert_eq!(reg.count_devices_lacking_root(&root, T0).unwrap(), 0);
 
     // Keys created by v1 behave as today's.
@@ -128,10 +131,15 @@ fn a_version_1_registry_is_migrated_and_keeps_its_data() {
         root: Some(root),
         now: T0,
     };
-    assert_eq!(reg.consume_key(&req(used)).unwrap_err().reason(), Reason::KeyUsed);
+    assert_eq!(
+        reg.consume_key(&req(used)).unwrap_err().reason(),
+        Reason::KeyUsed
+    );
     reg.consume_key(&req(one_time)).unwrap();
     assert_eq!(
-        reg.authenticate(&cred.fingerprint, T0).unwrap().root_fingerprint,
+        reg.authenticate(&cred.fingerprint, T0)
+            .unwrap()
+            .root_fingerprint,
         Some(root)
     );
     assert!(reg.find_key(&KeyRef::parse(one_time)).unwrap().is_some());
@@ -168,7 +176,12 @@ fn migrating_an_empty_file_gives_the_same_schema_as_migrating_v1() {
                 .join(" ")
                 .replace(" )", ")")
                 .replace("( ", "(");
-            Ok(format!("{} {} {}", r.get::<_, String>(0)?, r.get::<_, String>(1)?, sql))
+            Ok(format!(
+                "{} {} {}",
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                sql
+            ))
         })
         .unwrap()
         .collect::<Result<_, _>>()

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use fleetgate::pki::Fingerprint;
 use fleetgate::registry::{
-    DeviceCredential, KeyFilter, KeyRef, OpenOptions, Reason, Registry, RegistrationRequest,
-    UnixTime,
+    DeviceCredential, KeyFilter, KeyKind, KeyRef, OpenOptions, Reason, RegistrationRequest,
+    Registry, UnixTime,
 };
 
 const T0: UnixTime = 1_750_000_000;
@@ -62,15 +62,17 @@ fn attempt(reg: &mut Registry, key: &str, unit: &str, cred: &DeviceCredential) -
 }
 
 /// Checks the invariants a registry must keep whatever happened to the processes using it:
-/// a one-time key is used at most once, and a used key has exactly one device; a device
-/// exists only for a used key.
+/// a one-time key is used at most once; a key has exactly as many devices as it granted
+/// registrations; a device exists only for a consumed key.
 fn check_invariants(reg: &Registry) -> usize {
     let keys = reg.list_keys(KeyFilter::All).unwrap();
     let devices = reg.list_devices().unwrap();
     let mut granted = 0;
     for k in &keys {
         let holders = devices.iter().filter(|d| d.key_id == Some(k.id)).count();
-        assert!(k.use_count <= 1, "key #{} used {} times", k.id, k.use_count);
+        if k.kind != KeyKind::Mass {
+            assert!(k.use_count <= 1, "key #{} used {} times", k.id, k.use_count);
+        }
         assert_eq!(
             holders as u64, k.use_count,
             "key #{} used {} times but {} devices hold it",
@@ -92,7 +94,8 @@ fn sixteen_threads_racing_for_one_key_exactly_one_wins() {
         let barrier = Arc::new(Barrier::new(16));
         let handles: Vec<_> = (0..16u32)
             .map(|t| {
-                let (barrier, path, value) = (Arc::clone(&barrier), path.clone(), key.value.clone());
+                let (barrier, path, value) =
+                    (Arc::clone(&barrier), path.clone(), key.value.clone());
                 std::thread::spawn(move || {
                     // Each thread has its own connection, as separate processes would.
                     let mut reg = open(&path);
@@ -121,7 +124,19 @@ struct ChildGuard(Child);
 
 impl ChildGuard {
     fn spawn(mode: &str, db: &Path, keys: &Path, id: u32, go: &Path) -> ChildGuard {
+        ChildGuard::spawn_with(mode, db, keys, id, go, &[])
+    }
+
+    fn spawn_with(
+        mode: &str,
+        db: &Path,
+        keys: &Path,
+        id: u32,
+        go: &Path,
+        extra_env: &[(&str, &str)],
+    ) -> ChildGuard {
         let child = Command::new(std::env::current_exe().unwrap())
+            .envs(extra_env.iter().copied())
             .args(["--exact", "child_worker", "--nocapture", "--test-threads=1"])
             .env("FLEETGATE_TEST_CHILD", mode)
             .env("FLEETGATE_TEST_DB", db)
@@ -143,7 +158,10 @@ impl ChildGuard {
                 assert!(status.success(), "child failed: {status}");
                 return;
             }
-            assert!(Instant::now() < deadline, "child did not finish within {limit:?}");
+            assert!(
+                Instant::now() < deadline,
+                "child did not finish within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -213,7 +231,11 @@ fn two_processes_racing_for_the_same_keys_each_key_is_granted_once() {
         .flat_map(|r| r.join().unwrap())
         .collect();
     all.sort_unstable();
-    assert_eq!(all, (0..n).collect::<Vec<_>>(), "every key granted exactly once");
+    assert_eq!(
+        all,
+        (0..n).collect::<Vec<_>>(),
+        "every key granted exactly once"
+    );
     assert_eq!(check_invariants(&open(&db)), n);
 }
 
@@ -224,18 +246,30 @@ fn kill_9_during_a_registration_storm_loses_nothing_committed_and_grants_nothing
     let keys_file = dir.path().join("keys.txt");
     let go = dir.path().join("go");
     std::fs::write(&go, b"").unwrap();
-    let n = 5_000;
-    let keys: Vec<String> = open(&db)
-        .create_one_time_keys(n, T0)
-        .unwrap()
-        .into_iter()
-        .map(|k| k.value)
-        .collect();
+    let n = 2_000;
+    let (keys, mass) = {
+        let mut reg = open(&db);
+        let keys: Vec<String> = reg
+            .create_one_time_keys(n, T0)
+            .unwrap()
+            .into_iter()
+            .map(|k| k.value)
+            .collect();
+        (keys, reg.create_mass_key(None, T0).unwrap().value)
+    };
     write_keys(&keys_file, &keys);
 
-    let mut child = ChildGuard::spawn("storm", &db, &keys_file, 7, &go);
+    // The child registers with every one-time key, then with the mass key for ever: whenever
+    // the kill lands, a write transaction is in progress or about to be.
+    let mut child = ChildGuard::spawn_with(
+        "storm",
+        &db,
+        &keys_file,
+        7,
+        &go,
+        &[("FLEETGATE_TEST_MASS", &mass)],
+    );
     let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    // Wait until the child reported some grants, then kill it in the middle of the storm.
     let mut reported = Vec::new();
     let mut line = String::new();
     while reported.len() < 200 {
@@ -248,10 +282,6 @@ fn kill_9_during_a_registration_storm_loses_nothing_committed_and_grants_nothing
     child.0.kill().unwrap(); // SIGKILL
     child.0.wait().unwrap();
     reported.extend(granted_lines(out));
-    assert!(
-        reported.len() < n,
-        "the child finished before it was killed; raise n"
-    );
 
     // Reopen (SQLite recovers the WAL) and check.
     let mut reg = open(&db);
@@ -268,19 +298,19 @@ fn kill_9_during_a_registration_storm_loses_nothing_committed_and_grants_nothing
             Reason::KeyUsed
         );
     }
-    // The registry still works: an untouched key registers.
-    let unused = reg
-        .list_keys(KeyFilter::Unused)
-        .unwrap()
-        .into_iter()
-        .next()
-        .expect("an unused key");
-    let idx = keys
-        .iter()
-        .position(|k| reg.find_key(&KeyRef::parse(k)).unwrap().unwrap().id == unused.id)
-        .unwrap();
+    // The registry still works: an untouched key registers, or (if the child used them all)
+    // the mass key does.
+    let unused = reg.list_keys(KeyFilter::Unused).unwrap();
+    let key = match unused.first() {
+        Some(u) => keys
+            .iter()
+            .find(|k| reg.find_key(&KeyRef::parse(k)).unwrap().unwrap().id == u.id)
+            .unwrap()
+            .clone(),
+        None => mass,
+    };
     assert_eq!(
-        attempt(&mut reg, &keys[idx], "LATE-UNIT", &credential(9, 0)),
+        attempt(&mut reg, &key, "LATE-UNIT", &credential(9, 0)),
         Reason::Granted
     );
     check_invariants(&reg);
@@ -339,8 +369,10 @@ fn child_worker() {
                 }
             }
         }
-        // One registration after another, each reported as soon as it returned.
+        // One registration after another, each reported as soon as it returned; then the
+        // mass key for ever (until killed; bounded to 10 minutes).
         "storm" => {
+            let mass = std::env::var("FLEETGATE_TEST_MASS").unwrap();
             let mut reg = open(&db);
             let mut lock = stdout.lock();
             for (i, k) in keys.iter().enumerate() {
@@ -350,6 +382,16 @@ fn child_worker() {
                     writeln!(lock, "GRANTED {i}").unwrap();
                     lock.flush().unwrap();
                 }
+            }
+            let until = Instant::now() + Duration::from_secs(600);
+            let mut j = 0u32;
+            while Instant::now() < until {
+                let cred = credential(id + 1_000, j);
+                assert_eq!(
+                    attempt(&mut reg, &mass, &format!("M-{j}"), &cred),
+                    Reason::Granted
+                );
+                j += 1;
             }
         }
         other => panic!("unknown child mode {other}"),

@@ -1,5 +1,7 @@
 //! Command-line front ends over the library (`fleetgate <command> …`).
 
+pub mod devices;
+pub mod keys;
 pub mod pki;
 pub mod sizing;
 pub mod status;

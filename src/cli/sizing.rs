@@ -56,21 +56,21 @@ pub struct Figures {
 pub const FIGURES: Figures = Figures {
     heap_per_idle_device: Figure {
         what: "heap + slab slot per idle TLS WebSocket",
-        value: 2.5 * KIB,
+        value: 2539.0,
         unit: "bytes",
-        source: "`cargo bench --bench idle_memory` (docs/benchmarks.md, \"Idle memory per connection\")",
+        source: "`cargo bench --bench idle_memory`, TLS 1.3: 1,163 B heap + 1,376 B slot (docs/benchmarks.md, \"In-process: the connection's own state\")",
     },
     rss_per_idle_device: Figure {
         what: "process RSS growth per idle device",
-        value: 5.0 * KIB,
+        value: 4286.0,
         unit: "bytes",
-        source: "`loadtest idle`, server_rss_per_device (docs/benchmarks.md, \"Fleet load test\"); provisional until the 100k-device run",
+        source: "`loadtest idle`, the highest of three runs: 4,121 B at 100k devices (io_uring), 4,196 B (epoll), 4,286 B (io_uring, 2 shards) (docs/benchmarks.md, \"Whole process: RSS growth per idle device\")",
     },
     kernel_per_idle_socket: Figure {
         what: "kernel memory per idle TCP connection",
         value: 3.9 * KIB,
         unit: "bytes",
-        source: "slab growth (/proc/meminfo Slab) during `loadtest idle` (docs/benchmarks.md, \"Kernel memory\")",
+        source: "outside the process RSS, measured beside `loadtest idle` (docs/benchmarks.md, \"Whole process: RSS growth per idle device\")",
     },
     process_base: Figure {
         what: "RSS of a started gateway without connections",
@@ -82,19 +82,19 @@ pub const FIGURES: Figures = Figures {
         what: "credit window per running transfer",
         value: 256.0 * KIB,
         unit: "bytes",
-        source: "default until the relay defines its window (docs/architecture.md, \"Backpressure\"); --window overrides",
+        source: "default until the relay defines its window (backpressure: docs/architecture.md, \"How a byte flows\", step 6); --window overrides",
     },
     cpu_full_handshake: Figure {
-        what: "CPU per full TLS handshake (ECDSA P-256) + upgrade",
-        value: 500.0,
+        what: "CPU per full TLS 1.3 handshake + upgrade",
+        value: 250.0,
         unit: "µs",
-        source: "gateway user+sys time per connection under `openssl s_time -new`: TLS 1.3 435 µs, TLS 1.2 378 µs, TCP accept and close included; rounded up for the upgrade (docs/operations.md, \"Sizing\")",
+        source: "connect ramp: gateway 0.58 cores at 2,546 connections/s = 228 µs, TCP accept included; rounded up (docs/benchmarks.md, \"Connect ramp\")",
     },
     cpu_resumed_handshake: Figure {
         what: "CPU per resumed TLS handshake + upgrade",
-        value: 150.0,
+        value: 100.0,
         unit: "µs",
-        source: "gateway user+sys time per connection under `openssl s_time -reuse -tls1_2`: 137 µs; rounded up (docs/operations.md, \"Sizing\")",
+        source: "the full figure × 0.36, the resumed/full ratio under `openssl s_time` (TLS 1.2: 137 vs 378 µs) (docs/operations.md, \"Sizing\")",
     },
     cpu_keepalive: Figure {
         what: "CPU per keep-alive ping + pong",
@@ -423,7 +423,7 @@ mod tests {
         let b = budget(100_000, 1, 10, 256 << 10, 2, &cfg);
         assert_eq!(b.connections, 100_001);
         assert_eq!(b.recv_buffers, 2.0 * 512.0 * 16896.0);
-        assert_eq!(b.devices, 100_000.0 * 5.0 * 1024.0);
+        assert_eq!(b.devices, 100_000.0 * 4286.0);
         assert_eq!(b.transfers, 10.0 * 256.0 * 1024.0);
         assert_eq!(b.per_shard, 60_001);
         assert_eq!(b.nofile_epoll, 100_001 + SPARE_FDS);

@@ -97,8 +97,10 @@ fn copy_to(src: &Connection, tmp: &Path) -> Result<(), String> {
         return Err(format!("the copy failed its integrity check: {check}"));
     }
     // A single-file copy: no WAL beside it.
-    dst.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get::<_, String>(0))
-        .map_err(|e| format!("journal mode of the copy: {e}"))?;
+    dst.query_row("PRAGMA journal_mode = DELETE", [], |r| {
+        r.get::<_, String>(0)
+    })
+    .map_err(|e| format!("journal mode of the copy: {e}"))?;
     drop(dst);
     std::fs::File::open(tmp)
         .and_then(|f| f.sync_all())

@@ -252,10 +252,9 @@ fn register(
                 address: source.clone(),
                 key_id: refusal.key_id(),
                 detail: match &refusal {
-                    RegistrationRefusal::InvalidUnitId(why) => Some(format!(
-                        "{why}: {:?}",
-                        audit::truncate(req.unit_id, 64)
-                    )),
+                    RegistrationRefusal::InvalidUnitId(why) => {
+                        Some(format!("{why}: {:?}", audit::truncate(req.unit_id, 64)))
+                    }
                     _ => None,
                 },
                 ..NewAudit::default()

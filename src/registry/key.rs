@@ -177,7 +177,9 @@ pub fn check_custom_value(value: &str) -> Result<String, &'static str> {
         return Err("too long: at most 64 characters");
     }
     if !n.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("only printable ASCII characters are allowed (no spaces or control characters)");
+        return Err(
+            "only printable ASCII characters are allowed (no spaces or control characters)",
+        );
     }
     if n.bytes().all(|b| b.is_ascii_digit()) {
         return Err("must contain a letter or symbol (a plain number is taken as a key ID)");

@@ -309,7 +309,8 @@ impl Registry {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let info = find(&tx, key_ref)?.ok_or_else(|| RegistryError::KeyNotFound(key_ref.to_string()))?;
+        let info =
+            find(&tx, key_ref)?.ok_or_else(|| RegistryError::KeyNotFound(key_ref.to_string()))?;
         if info.revoked_at.is_none() {
             tx.execute(
                 "UPDATE keys SET revoked_at = ?1 WHERE id = ?2",
@@ -343,7 +344,8 @@ impl Registry {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let info = find(&tx, key_ref)?.ok_or_else(|| RegistryError::KeyNotFound(key_ref.to_string()))?;
+        let info =
+            find(&tx, key_ref)?.ok_or_else(|| RegistryError::KeyNotFound(key_ref.to_string()))?;
         tx.execute("DELETE FROM keys WHERE id = ?1", [info.id])?;
         audit::append(
             &tx,

@@ -228,14 +228,19 @@ mod tests {
         l.check(ip("192.0.2.2"), t0).unwrap();
         // Just before the interval: still refused, with the remaining wait.
         assert_eq!(
-            l.check(a, t0 + Duration::from_secs(4)).unwrap_err().retry_after,
+            l.check(a, t0 + Duration::from_secs(4))
+                .unwrap_err()
+                .retry_after,
             Duration::from_secs(6)
         );
         // After it: one attempt, then refused again.
         let t1 = t0 + Duration::from_secs(10);
         l.check(a, t1).unwrap();
         l.record_failure(a, t1);
-        assert_eq!(l.check(a, t1).unwrap_err().retry_after, Duration::from_secs(10));
+        assert_eq!(
+            l.check(a, t1).unwrap_err().retry_after,
+            Duration::from_secs(10)
+        );
         // After a long pause the full burst is back.
         let t2 = t1 + Duration::from_secs(3600);
         for _ in 0..3 {

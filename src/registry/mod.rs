@@ -47,7 +47,7 @@
 //!
 //! # Files in this module
 //!
-//! [`key`] key values · [`unit`] unit IDs and lists · [`schema`] migrations · [`reason`] wire
+//! [`key`] key values · [`unit`](mod@unit) unit IDs and lists · [`schema`] migrations · [`reason`] wire
 //! codes · `keys` key administration · `consume` registration · `devices` devices · `audit` the
 //! audit log · [`limiter`] the per-source failure limiter · `backup` online backup.
 

@@ -157,7 +157,11 @@ mod tests {
         for r in Reason::ALL {
             assert!(seen.insert(r.as_str()));
             assert_eq!(r.as_str().parse::<Reason>().unwrap(), r);
-            assert!(r.as_str().bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            assert!(
+                r.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+            );
             assert!(!r.message().is_empty());
         }
         assert!("nope".parse::<Reason>().is_err());

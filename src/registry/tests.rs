@@ -81,7 +81,9 @@ fn a_newer_schema_is_refused() {
 fn keys_are_stored_hashed_never_in_clear() {
     let (_dir, mut reg) = open();
     let keys = reg.create_one_time_keys(3, T0).unwrap();
-    let mass = reg.create_mass_key(Some("Welcome-2025-Berlin"), T0).unwrap();
+    let mass = reg
+        .create_mass_key(Some("Welcome-2025-Berlin"), T0)
+        .unwrap();
     assert_eq!(keys.len(), 3);
     let mut stmt = reg.conn.prepare("SELECT * FROM keys").unwrap();
     let ncols = stmt.column_count();
@@ -120,7 +122,10 @@ fn create_list_revoke_delete() {
     assert_eq!(mass.kind, KeyKind::Mass);
     let all = reg.list_keys(KeyFilter::All).unwrap();
     assert_eq!(all.len(), 5);
-    assert!(all.iter().all(|k| k.state() == KeyState::Unused && k.is_usable()));
+    assert!(
+        all.iter()
+            .all(|k| k.state() == KeyState::Unused && k.is_usable())
+    );
     assert_eq!(all[2].kind, KeyKind::UnitBound);
     assert_eq!(all[2].unit_id.as_deref(), Some("UNIT-A"));
 
@@ -153,9 +158,18 @@ fn create_list_revoke_delete() {
     // Admin actions are audited.
     let log = reg.audit_log(100).unwrap();
     let actions: Vec<&str> = log.iter().map(|e| e.action.as_str()).collect();
-    assert_eq!(actions.iter().filter(|a| **a == action::KEY_CREATE).count(), 5);
-    assert_eq!(actions.iter().filter(|a| **a == action::KEY_REVOKE).count(), 2);
-    assert_eq!(actions.iter().filter(|a| **a == action::KEY_DELETE).count(), 1);
+    assert_eq!(
+        actions.iter().filter(|a| **a == action::KEY_CREATE).count(),
+        5
+    );
+    assert_eq!(
+        actions.iter().filter(|a| **a == action::KEY_REVOKE).count(),
+        2
+    );
+    assert_eq!(
+        actions.iter().filter(|a| **a == action::KEY_DELETE).count(),
+        1
+    );
     assert!(log.iter().all(|e| e.actor == "cli"));
 }
 
@@ -212,7 +226,9 @@ fn a_one_time_key_is_granted_once() {
     assert_eq!(grant.kind, KeyKind::OneTime);
     assert!(!grant.retried && grant.superseded.is_empty());
 
-    let refusal = reg.consume_key(&request(&k.value, "UNIT-2", &c2)).unwrap_err();
+    let refusal = reg
+        .consume_key(&request(&k.value, "UNIT-2", &c2))
+        .unwrap_err();
     assert_eq!(refusal.reason(), Reason::KeyUsed);
     match &refusal {
         RegistrationRefusal::KeyUsed {
@@ -227,7 +243,9 @@ fn a_one_time_key_is_granted_once() {
         other => panic!("{other:?}"),
     }
     // Even the same unit gets no second credential without the same key pair.
-    let refusal = reg.consume_key(&request(&k.value, "UNIT-1", &c2)).unwrap_err();
+    let refusal = reg
+        .consume_key(&request(&k.value, "UNIT-1", &c2))
+        .unwrap_err();
     assert_eq!(refusal.reason(), Reason::KeyUsed);
 
     let info = reg.find_key(&KeyRef::Id(k.id)).unwrap().unwrap();
@@ -244,13 +262,20 @@ fn a_one_time_key_is_granted_once() {
     assert_eq!(d.registered_at, T0 + 10);
     assert_eq!(d.address.as_deref(), Some("192.0.2.10"));
     assert_eq!(d.root_fingerprint, Some(Fingerprint([0xAA; 32])));
-    assert!(reg.device_by_fingerprint(&c2.fingerprint).unwrap().is_none());
+    assert!(
+        reg.device_by_fingerprint(&c2.fingerprint)
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[test]
 fn every_outcome_has_its_reason_and_is_audited() {
     let (_dir, mut reg) = open();
-    let unit_key = reg.create_unit_keys(&["00E0C5A1B2C3"], T0).unwrap().remove(0);
+    let unit_key = reg
+        .create_unit_keys(&["00E0C5A1B2C3"], T0)
+        .unwrap()
+        .remove(0);
     let revoked = reg.create_one_time_keys(1, T0).unwrap().remove(0);
     reg.revoke_key(&KeyRef::Id(revoked.id), T0).unwrap();
     let c = cred(7);
@@ -316,7 +341,9 @@ fn a_mass_key_registers_many_devices() {
     let creds: Vec<DeviceCredential> = (0..50).map(cred).collect();
     for (i, c) in creds.iter().enumerate() {
         let unit = format!("UNIT-{i}");
-        let g = reg.consume_key(&request("mass deploy 2025", &unit, c)).unwrap();
+        let g = reg
+            .consume_key(&request("mass deploy 2025", &unit, c))
+            .unwrap();
         assert_eq!(g.kind, KeyKind::Mass);
     }
     let info = reg.find_key(&KeyRef::Id(k.id)).unwrap().unwrap();
@@ -364,9 +391,12 @@ fn a_device_that_never_got_its_credential_can_retry_with_the_same_key_pair() {
     let k = reg.create_one_time_keys(1, T0).unwrap().remove(0);
     let mut first = cred(1);
     first.public_key_sha256 = Some([0x11; 32]);
-    let g1 = reg.consume_key(&request(&k.value, "UNIT-R", &first)).unwrap();
+    let g1 = reg
+        .consume_key(&request(&k.value, "UNIT-R", &first))
+        .unwrap();
     // The pre-check agrees with the retry rule.
-    reg.check_key(&k.value, "UNIT-R", Some(&[0x11; 32])).unwrap();
+    reg.check_key(&k.value, "UNIT-R", Some(&[0x11; 32]))
+        .unwrap();
     assert_eq!(
         reg.check_key(&k.value, "UNIT-R", Some(&[0x22; 32]))
             .unwrap_err()
@@ -377,13 +407,22 @@ fn a_device_that_never_got_its_credential_can_retry_with_the_same_key_pair() {
     // Same unit, same key pair, new certificate: granted, in place of the first.
     let mut second = cred(2);
     second.public_key_sha256 = Some([0x11; 32]);
-    let g2 = reg.consume_key(&request(&k.value, "UNIT-R", &second)).unwrap();
+    let g2 = reg
+        .consume_key(&request(&k.value, "UNIT-R", &second))
+        .unwrap();
     assert!(g2.retried);
     assert_eq!(g2.device_id, g1.device_id);
-    assert!(reg.device_by_fingerprint(&first.fingerprint).unwrap().is_none());
+    assert!(
+        reg.device_by_fingerprint(&first.fingerprint)
+            .unwrap()
+            .is_none()
+    );
     assert!(reg.authenticate(&second.fingerprint, T0 + 20).is_ok());
     assert_eq!(reg.list_devices().unwrap().len(), 1);
-    assert_eq!(reg.find_key(&KeyRef::Id(k.id)).unwrap().unwrap().use_count, 1);
+    assert_eq!(
+        reg.find_key(&KeyRef::Id(k.id)).unwrap().unwrap().use_count,
+        1
+    );
 
     // Another key pair, or another unit with the same key pair: refused.
     let mut other_pair = cred(3);
@@ -421,7 +460,9 @@ fn a_storage_failure_consumes_nothing() {
     let c = cred(1);
     reg.consume_key(&request(&keys[0].value, "U1", &c)).unwrap();
     // The same certificate fingerprint again violates UNIQUE: the attempt fails as a whole.
-    let err = reg.consume_key(&request(&keys[1].value, "U2", &c)).unwrap_err();
+    let err = reg
+        .consume_key(&request(&keys[1].value, "U2", &c))
+        .unwrap_err();
     assert_eq!(err.reason(), Reason::InternalError, "{err}");
     let k1 = reg.find_key(&KeyRef::Id(keys[1].id)).unwrap().unwrap();
     assert_eq!(k1.use_count, 0, "the key was not consumed");
@@ -456,7 +497,10 @@ fn a_batch_decides_each_attempt_in_order() {
         ]
     );
     assert_eq!(reg.list_devices().unwrap().len(), 2);
-    assert_eq!(reg.find_key(&KeyRef::Id(m.id)).unwrap().unwrap().use_count, 1);
+    assert_eq!(
+        reg.find_key(&KeyRef::Id(m.id)).unwrap().unwrap().use_count,
+        1
+    );
 }
 
 #[test]
@@ -482,13 +526,22 @@ fn reconnect_authentication_and_last_seen() {
         Reason::CredentialExpired
     );
     let addr: IpAddr = "2001:db8::5".parse().unwrap();
-    assert!(reg.touch_last_seen(&c.fingerprint, Some(addr), T0 + 500).unwrap());
+    assert!(
+        reg.touch_last_seen(&c.fingerprint, Some(addr), T0 + 500)
+            .unwrap()
+    );
     // An older touch never moves last_seen back.
-    assert!(reg.touch_last_seen(&c.fingerprint, Some(addr), T0 + 400).unwrap());
+    assert!(
+        reg.touch_last_seen(&c.fingerprint, Some(addr), T0 + 400)
+            .unwrap()
+    );
     let d = reg.authenticate(&c.fingerprint, T0 + 600).unwrap();
     assert_eq!(d.last_seen, Some(T0 + 500));
     assert_eq!(d.address.as_deref(), Some("2001:db8::5"));
-    assert!(!reg.touch_last_seen(&Fingerprint([9; 32]), None, T0).unwrap());
+    assert!(
+        !reg.touch_last_seen(&Fingerprint([9; 32]), None, T0)
+            .unwrap()
+    );
     let sync: i64 = reg
         .conn
         .query_row("PRAGMA synchronous", [], |r| r.get(0))
@@ -522,7 +575,9 @@ fn the_reconnect_lookup_uses_an_index() {
     let (_dir, reg) = open();
     let plan: Vec<String> = reg
         .conn
-        .prepare("EXPLAIN QUERY PLAN SELECT id, unit_id, revoked_at FROM devices WHERE fingerprint = ?1")
+        .prepare(
+            "EXPLAIN QUERY PLAN SELECT id, unit_id, revoked_at FROM devices WHERE fingerprint = ?1",
+        )
         .unwrap()
         .query_map([&[0u8; 32][..]], |r| r.get::<_, String>(3))
         .unwrap()
@@ -572,7 +627,14 @@ fn online_backup_is_a_complete_registry() {
     let copy = Registry::open(&dest, &OpenOptions::default()).unwrap();
     assert_eq!(copy.list_keys(KeyFilter::All).unwrap().len(), 1);
     assert!(copy.authenticate(&c.fingerprint, T0 + 60).is_ok());
-    assert_eq!(reg.audit_log(10).unwrap().iter().filter(|e| e.action == action::BACKUP).count(), 1);
+    assert_eq!(
+        reg.audit_log(10)
+            .unwrap()
+            .iter()
+            .filter(|e| e.action == action::BACKUP)
+            .count(),
+        1
+    );
     // A destination in a missing directory is a clear error.
     let err = reg
         .backup_to(&dir.path().join("missing/b.db"), T0)
@@ -583,7 +645,8 @@ fn online_backup_is_a_complete_registry() {
 #[test]
 fn audit_pruning() {
     let (_dir, mut reg) = open();
-    reg.record_refusal(None, None, Reason::RateLimited, T0).unwrap();
+    reg.record_refusal(None, None, Reason::RateLimited, T0)
+        .unwrap();
     reg.record_refusal(None, None, Reason::RateLimited, T0 + 100)
         .unwrap();
     assert_eq!(reg.prune_audit(T0 + 50).unwrap(), 1);

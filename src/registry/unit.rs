@@ -228,7 +228,8 @@ mod tests {
 
     #[test]
     fn bad_lines_are_all_reported_by_number() {
-        let text = "site,unit_id\nBerlin,U1\nBerlin\nParis,\"U 2\"\nRome,u1\nOslo,\"U3\nMadrid,U4\n";
+        let text =
+            "site,unit_id\nBerlin,U1\nBerlin\nParis,\"U 2\"\nRome,u1\nOslo,\"U3\nMadrid,U4\n";
         let err = parse_unit_list(text).unwrap_err();
         let lines: Vec<usize> = err.errors.iter().map(|e| e.line).collect();
         assert_eq!(lines, [3, 4, 5, 6], "{err}");
@@ -237,7 +238,10 @@ mod tests {
         assert!(err.errors[2].message.contains("repeats line 2"));
         assert!(err.errors[3].message.contains("unterminated quote"));
         let shown = err.to_string();
-        assert!(shown.contains("4 bad line(s)") && shown.contains("line 6:"), "{shown}");
+        assert!(
+            shown.contains("4 bad line(s)") && shown.contains("line 6:"),
+            "{shown}"
+        );
     }
 
     #[test]
