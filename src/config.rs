@@ -81,6 +81,11 @@ pub struct Config {
     pub status: StatusConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Public gateway addresses written into key hand-outs (`keys export`). When empty, the
+    /// hand-out names this host and `server.listen`'s port.
+    pub handout: crate::export::HandoutConfig,
+    /// SMTP settings for `keys export --mail`. Absent = mail is not configured.
+    pub mail: Option<crate::mail::MailConfig>,
 }
 
 /// `[server]`
@@ -342,7 +347,16 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, message } => ConfigError::Invalid {
+                key,
+                message: match line_of(text, key) {
+                    Some(n) => format!("{message} (line {n})"),
+                    None => message,
+                },
+            },
+            other => other,
+        })?;
         Ok(cfg)
     }
 
@@ -433,6 +447,21 @@ impl Config {
     }
 }
 
+/// The 1-based line where `section.key` is set in `text`, if it is.
+fn line_of(text: &str, dotted: &str) -> Option<usize> {
+    let (section, key) = dotted.split_once('.')?;
+    let mut current = "";
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(h) = t.strip_prefix('[') {
+            current = h.split(']').next().unwrap_or("").trim();
+        } else if current == section && t.split('=').next().map(str::trim) == Some(key) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,9 +487,13 @@ mod tests {
     fn wrong_type_and_range_are_refused() {
         let err = Config::from_toml("[server]\nshards = \"two\"\n", "x".as_ref()).unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
-        let err = Config::from_toml("[limits]\nrecv_buffers_per_shard = 100\n", "x".as_ref())
-            .unwrap_err();
+        let err = Config::from_toml(
+            "[server]\nshards = 2\n[limits]\nrecv_buffers_per_shard = 100\n",
+            "x".as_ref(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("power of two"), "{err}");
+        assert!(err.to_string().contains("(line 4)"), "{err}");
         let err = Config::from_toml(
             "[tls]\nmin_version = \"1.3\"\nmax_version = \"1.2\"\n",
             "x".as_ref(),

@@ -21,6 +21,10 @@ struct Cli {
     #[arg(long, global = true, env = "FLEETGATE_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
 
+    /// TOML configuration file (every key is optional; see docs/configuration.md).
+    #[arg(long, global = true, value_name = "FILE", env = "FLEETGATE_CONFIG")]
+    config: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -36,6 +40,19 @@ enum Command {
     /// Create, import, verify, export, renew and roll over the gateway's certificates.
     #[command(subcommand)]
     Pki(fleetgate::cli::pki::PkiCommand),
+    /// First-authentication keys: create, list, revoke, delete, hand out (text, XML, HTML, mail).
+    #[command(subcommand)]
+    Keys(fleetgate::cli::keys::KeysCommand),
+    /// Registered devices: list, remove.
+    #[command(subcommand)]
+    Devices(fleetgate::cli::devices::DevicesCommand),
+    /// Ask a running gateway how it is (exit 0 ok, 1 warn/init, 2 err or unreachable).
+    Status(fleetgate::cli::status::StatusArgs),
+    /// Memory, CPU and file-descriptor budget for a fleet.
+    Sizing(fleetgate::cli::sizing::SizingArgs),
+    /// The device registry (SQLite): online backup, schema migration.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
     /// Check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -43,9 +60,6 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
-    /// TOML configuration file (every key is optional; see docs/configuration.md).
-    #[arg(long, value_name = "FILE", env = "FLEETGATE_CONFIG")]
-    config: Option<PathBuf>,
     /// Address and port to listen on [default: 0.0.0.0:8443].
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
@@ -61,6 +75,19 @@ struct ServeArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum RegistryCommand {
+    /// Write a consistent copy of DATA_DIR/registry.db to FILE while the gateway runs
+    /// (SQLite's online backup; the copy is checked and written with mode 0600).
+    Backup {
+        /// Where to write the copy.
+        file: PathBuf,
+    },
+    /// Open the registry and run any pending schema migrations (the gateway also does this
+    /// at start-up).
+    Migrate,
+}
+
+#[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Validate a configuration file: every error with its key and line. Exit 0 when valid.
     Check {
@@ -71,26 +98,19 @@ enum ConfigCommand {
     Defaults,
 }
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
-}
-
-fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut config = match &args.config {
+/// The configuration file (if any) with `--data-dir` applied on top.
+fn load_config(path: Option<&PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<Config> {
+    let mut config = match path {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
     if let Some(d) = data_dir {
         config.server.data_dir = d;
     }
+    Ok(config)
+}
+
+fn serve(args: ServeArgs, mut config: Config) -> anyhow::Result<()> {
     if let Some(l) = args.listen {
         config.server.listen = l;
     }
@@ -104,7 +124,7 @@ fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         config.server.enable_echo = true;
     }
     config.validate()?;
-    init_logging(&config.log.level);
+    let _log = fleetgate::logging::init(&config.log)?;
     let listen = config.server.listen;
     let running = fleetgate::server::start(config)
         .with_context(|| format!("cannot start the gateway on {listen}"))?;
@@ -112,16 +132,45 @@ fn serve(args: ServeArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn registry_command(cmd: RegistryCommand, data_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let db = data_dir.join("registry.db");
+    if !db.exists() {
+        anyhow::bail!("no registry at {} (nothing to do)", db.display());
+    }
+    let mut reg = fleetgate::registry::Registry::open_in(data_dir)
+        .with_context(|| format!("cannot open {}", db.display()))?;
+    match cmd {
+        RegistryCommand::Backup { file } => {
+            reg.backup_to(&file, fleetgate::registry::unix_now())
+                .with_context(|| format!("backup to {}", file.display()))?;
+            eprintln!("backed up {} to {}", db.display(), file.display());
+        }
+        RegistryCommand::Migrate => eprintln!("{} is at the current schema", db.display()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args, cli.data_dir).map(|()| ExitCode::SUCCESS),
-        Command::Pki(cmd) => {
-            let dir = cli
-                .data_dir
-                .unwrap_or_else(|| Config::default().server.data_dir);
-            fleetgate::cli::pki::run(cmd, &dir)
+        Command::Serve(args) => load_config(cli.config.as_ref(), cli.data_dir)
+            .and_then(|c| serve(args, c))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Pki(cmd) => load_config(cli.config.as_ref(), cli.data_dir)
+            .and_then(|c| fleetgate::cli::pki::run(cmd, &c.server.data_dir)),
+        Command::Keys(cmd) => load_config(cli.config.as_ref(), cli.data_dir).and_then(|c| {
+            let handout = fleetgate::server::handout_gateways(&c);
+            fleetgate::cli::keys::run(cmd, &c.server.data_dir, &handout, c.mail.as_ref())
+        }),
+        Command::Devices(cmd) => load_config(cli.config.as_ref(), cli.data_dir)
+            .and_then(|c| fleetgate::cli::devices::run(cmd, &c.server.data_dir)),
+        Command::Status(mut args) => {
+            args.config = cli.config.clone();
+            fleetgate::cli::status::run(args, cli.data_dir.as_deref())
         }
+        Command::Sizing(args) => fleetgate::cli::sizing::run(args),
+        Command::Registry(cmd) => load_config(cli.config.as_ref(), cli.data_dir)
+            .and_then(|c| registry_command(cmd, &c.server.data_dir)),
         Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {
             Ok(_) => {
                 println!("{}: OK", file.display());

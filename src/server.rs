@@ -100,6 +100,25 @@ pub fn default_hosts() -> Vec<String> {
     hosts
 }
 
+/// The public gateway addresses for key hand-outs: `[handout] gateways` from the config, or
+/// this host's name and the listening port when none are configured.
+pub fn handout_gateways(config: &Config) -> crate::export::HandoutConfig {
+    if !config.handout.gateways.is_empty() {
+        return config.handout.clone();
+    }
+    let host = crate::sys::hostname();
+    crate::export::HandoutConfig {
+        gateways: vec![crate::export::PublicGateway {
+            host: if host.is_empty() {
+                "localhost".into()
+            } else {
+                host
+            },
+            port: config.server.listen.port(),
+        }],
+    }
+}
+
 /// Creates the data dir, certificates and listeners, and starts the shards.
 pub fn start(config: Config) -> Result<Running, StartError> {
     let t0 = Instant::now();

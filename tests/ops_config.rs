@@ -83,7 +83,6 @@ fn config_check_names_the_key_of_an_out_of_range_value() {
 }
 
 #[test]
-#[ignore = "range errors from Config::validate carry no line yet (src/config.rs, lead)"]
 fn config_check_names_the_line_of_an_out_of_range_value() {
     let (code, out) = check("[http]\nmax_head_bytes = 8192\nmax_headers = 1000\n");
     assert_eq!(code, 2, "{out}");

@@ -52,8 +52,9 @@ pub struct StatusArgs {
     /// Do not verify the gateway's certificate (the connection is still TLS).
     #[arg(long, conflicts_with = "ca")]
     pub insecure: bool,
-    /// The gateway's configuration file, for the default URL and data dir.
-    #[arg(long, value_name = "FILE", env = "FLEETGATE_CONFIG")]
+    /// The gateway's configuration file, for the default URL and data dir (the global
+    /// `--config`, filled in by `main`).
+    #[arg(skip)]
     pub config: Option<PathBuf>,
     /// Seconds to wait for the connection and for each answer.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
