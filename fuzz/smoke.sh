@@ -20,6 +20,8 @@ if rustup toolchain list 2>/dev/null | grep -q nightly; then
 else
     export RUSTC_BOOTSTRAP=1
 fi
+echo "building ${targets[*]}…" >&2
+cargo "${toolchain[@]}" fuzz build "${targets[@]}" >&2
 status=0
 for t in "${targets[@]}"; do
     corpus="corpus/$t"

@@ -17,7 +17,10 @@ fn autobahn_cases_1_to_10_pass_on_the_echo_endpoint() {
     }
     let gw = common::Gateway::start("auto", None, &[]);
     let out = gw.dir.path().join("autobahn");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/loadtest/conformance/autobahn.sh");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/loadtest/conformance/autobahn.sh"
+    );
     let status = Command::new("bash")
         .arg(script)
         .arg("--out")

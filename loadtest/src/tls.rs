@@ -213,18 +213,23 @@ impl ServerCertVerifier for CachingVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let name = server_name.to_str();
-        if let Some(c) = self.last.lock().expect("not poisoned").as_ref() {
-            if c.at.elapsed() < std::time::Duration::from_secs(60)
-                && c.end_entity == end_entity.as_ref()
-                && c.server_name == name
-                && c.intermediates.len() == intermediates.len()
-                && c.intermediates
-                    .iter()
-                    .zip(intermediates)
-                    .all(|(a, b)| a.as_slice() == b.as_ref())
-            {
-                return Ok(ServerCertVerified::assertion());
-            }
+        let cached = self
+            .last
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .is_some_and(|c| {
+                c.at.elapsed() < std::time::Duration::from_secs(60)
+                    && c.end_entity == end_entity.as_ref()
+                    && c.server_name == name
+                    && c.intermediates.len() == intermediates.len()
+                    && c.intermediates
+                        .iter()
+                        .zip(intermediates)
+                        .all(|(a, b)| a.as_slice() == b.as_ref())
+            });
+        if cached {
+            return Ok(ServerCertVerified::assertion());
         }
         let ok = self.inner.verify_server_cert(
             end_entity,
