@@ -20,10 +20,10 @@ if rustup toolchain list 2>/dev/null | grep -q nightly; then
 else
     export RUSTC_BOOTSTRAP=1
 fi
-echo "building ${targets[*]}…" >&2
-cargo "${toolchain[@]}" fuzz build "${targets[@]}" >&2
 status=0
 for t in "${targets[@]}"; do
+    echo "== building $t" >&2
+    cargo "${toolchain[@]}" fuzz build "$t" >&2
     corpus="corpus/$t"
     mkdir -p "$corpus"
     [ -d "seeds/$t" ] && cp -n seeds/"$t"/* "$corpus"/ 2>/dev/null || true
