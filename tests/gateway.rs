@@ -573,3 +573,64 @@ both_drivers!(a_head_trickled_byte_by_byte_is_served, |driver| {
     assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
     assert!(got.ends_with("{\"status\":\"warn\"}"), "{got}");
 });
+
+#[test]
+fn auto_falls_back_to_epoll_when_io_uring_is_unavailable() {
+    // As in a container whose seccomp profile blocks io_uring (simulated by the probe's
+    // switch): auto starts on epoll and says why; uring refuses to start with the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--driver",
+            "uring",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("FLEETGATE_DISABLE_URING", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("io_uring is not usable here (disabled by FLEETGATE_DISABLE_URING)"),
+        "{err}"
+    );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--driver",
+            "auto",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("FLEETGATE_DISABLE_URING", "1")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut log = String::new();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0 {
+        log.push_str(&line);
+        if line.contains("listening on") {
+            break;
+        }
+        line.clear();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let gw = log;
+    assert!(
+        gw.contains("io_uring unavailable (disabled by FLEETGATE_DISABLE_URING); using epoll"),
+        "{gw}"
+    );
+    assert!(gw.contains("shards (epoll)"), "{gw}");
+}

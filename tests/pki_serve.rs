@@ -30,9 +30,14 @@ impl Drop for Gateway {
 }
 
 fn serve(data: &Path) -> Gateway {
+    serve_with(data, &[])
+}
+
+fn serve_with(data: &Path, extra: &[&str]) -> Gateway {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
         .arg("--data-dir")
         .arg(data)
+        .args(extra)
         .args([
             "serve",
             "--listen",
@@ -359,4 +364,54 @@ fn rollover_switch_is_served_without_restart() {
     }
     // The connection opened under the old root is still served.
     echo(&mut held, "still here");
+}
+
+#[test]
+fn sighup_installs_a_replaced_keystore_without_dropping_connections() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    prepare(&data, "ecdsa-p256");
+    // Polling of the keystore file is effectively off: only SIGHUP can install it.
+    let cfg = tmp.path().join("fleetgate.toml");
+    std::fs::write(&cfg, "[server]\nkeystore_poll_ms = 3600000\n").unwrap();
+    let gw = serve_with(&data, &["--config", cfg.to_str().unwrap()]);
+    let config = tls_config(&data.join("root.pem"));
+    let (mut held, old_leaf) = ws_connect(gw.port, &config);
+    echo(&mut held, "before");
+
+    issue(
+        &data,
+        "serve-test-root",
+        "serve-hup",
+        "localhost;127.0.0.1;::1",
+        &[],
+    )
+    .ok();
+    let renewed = export(&data, "serve-hup");
+    let new_leaf = Keystore::load(&renewed).unwrap().leaf().clone();
+    assert_ne!(new_leaf, old_leaf);
+    // Replace the file by hand (what an operator's own tooling would do), then SIGHUP.
+    std::fs::copy(&renewed, DataDir::new(&data).keystore_path()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, leaf) = tls_connect(gw.port, &config);
+    assert_eq!(leaf, old_leaf, "not installed before the signal");
+    let ok = Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, leaf) = tls_connect(gw.port, &config);
+        if leaf == new_leaf {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not install the keystore"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    echo(&mut held, "after");
 }

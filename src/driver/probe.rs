@@ -15,8 +15,15 @@ pub enum Chosen {
     Epoll(Option<String>),
 }
 
+/// Environment variable that makes the probe report io_uring as unavailable, to exercise
+/// and test the automatic fallback (as a container that blocks io_uring would).
+pub const DISABLE_ENV: &str = "FLEETGATE_DISABLE_URING";
+
 /// Why io_uring cannot be used here, or `Ok` when it can.
 pub fn uring_usable() -> Result<(), String> {
+    if std::env::var_os(DISABLE_ENV).is_some() {
+        return Err(format!("disabled by {DISABLE_ENV}"));
+    }
     let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
     let mut probe = Probe::new();
     ring.submitter()
