@@ -634,3 +634,30 @@ fn auto_falls_back_to_epoll_when_io_uring_is_unavailable() {
     );
     assert!(gw.contains("shards (epoll)"), "{gw}");
 }
+
+both_drivers!(aes_128_gcm_is_preferred_over_the_clients_order, |driver| {
+    // openssl offers AES-256-GCM first; the gateway picks AES-128-GCM (cheaper here).
+    let gw = Gateway::start(driver, None, &[]);
+    for (v, want) in [
+        ("-tls1_3", "TLS_AES_128_GCM_SHA256"),
+        ("-tls1_2", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    ] {
+        let out = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &gw.addr.to_string(),
+                "-servername",
+                "localhost",
+            ])
+            .args([v, "-brief", "-CAfile", gw.root_pem().to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains(&format!("Ciphersuite: {want}")),
+            "{v}: {text}"
+        );
+    }
+});
