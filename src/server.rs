@@ -77,7 +77,9 @@ pub struct Running {
     config: Config,
     started: Instant,
     keystore_stamp: Mutex<Option<(SystemTime, u64)>>,
-    certificate_valid: AtomicBool,
+    /// The keystore being served, re-checked at every status recomputation (a certificate
+    /// that expires while the gateway runs turns the status to `err`).
+    active_keystore: Mutex<Keystore>,
 }
 
 impl std::fmt::Debug for Running {
@@ -146,7 +148,6 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     tracing::debug!("keystore loaded after {:?}", t0.elapsed());
     let tls_config = crate::tls::server_config(&keystore, &config.tls)?;
     tracing::debug!("TLS configuration ready after {:?}", t0.elapsed());
-    let cert_ok = pki::verify(&keystore, &[]).is_empty();
     tracing::debug!("certificate chain checked after {:?}", t0.elapsed());
 
     let nofile = crate::sys::raise_nofile_limit().unwrap_or(1024);
@@ -271,7 +272,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         config,
         started: t0,
         keystore_stamp: Mutex::new(file_stamp(&boot.keystore_path)),
-        certificate_valid: AtomicBool::new(cert_ok),
+        active_keystore: Mutex::new(keystore),
     };
     running.recompute_status();
     tracing::info!(
@@ -365,13 +366,18 @@ impl Running {
         self.shared.status.get()
     }
 
-    /// Recomputes `/usg/check-status` now.
+    /// Recomputes `/usg/check-status` now (including a check of the served chain's rules and
+    /// validity period at this moment).
     pub fn recompute_status(&self) {
+        let violations = pki::verify(&self.active_keystore.lock().expect("not poisoned"), &[]);
+        for v in &violations {
+            tracing::error!("served certificate: {v}");
+        }
         let h = status::compute(status::Inputs {
             started: true,
             uptime_secs: self.started.elapsed().as_secs(),
             startup_deadline_secs: self.config.status.startup_deadline_secs,
-            certificate_valid: self.certificate_valid.load(Ordering::Relaxed),
+            certificate_valid: violations.is_empty(),
             management_connections: metrics::total(&self.shared.stats, |s| &s.management),
         });
         let old = self.shared.status.get();
@@ -396,11 +402,13 @@ impl Running {
             let _ = s.tx.send(Command::TlsConfig(cfg.clone()));
             s.waker.wake();
         }
-        self.certificate_valid.store(true, Ordering::Relaxed);
+        let fingerprint = ks.fingerprint();
+        *self.active_keystore.lock().expect("not poisoned") = ks;
+        self.recompute_status();
         tracing::info!(
             "installed keystore {} (root fingerprint {})",
             self.keystore_path.display(),
-            ks.fingerprint()
+            fingerprint
         );
         Ok(())
     }
