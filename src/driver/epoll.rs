@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +27,6 @@ const READ_BUDGET: usize = 256 * 1024;
 struct Conn {
     generation: u32,
     stream: TcpStream,
-    peer: Option<SocketAddr>,
     paused: bool,
     /// A send in progress: the buffer and how much of it is written.
     send: Option<(Vec<u8>, usize)>,
@@ -317,11 +315,9 @@ impl Driver for EpollDriver {
             .registry()
             .register(&mut sock, token, Interest::READABLE | Interest::WRITABLE)?;
         let _ = sock.set_nodelay(true);
-        let peer = sock.peer_addr().ok();
         self.conns[slot] = Some(Conn {
             generation: key.generation,
             stream: sock,
-            peer,
             paused: false,
             send: None,
         });
@@ -388,12 +384,5 @@ impl Driver for EpollDriver {
 
     fn waker(&self) -> Waker {
         Waker::new(self.wake_fd.clone())
-    }
-
-    fn peer_addr(&self, key: ConnKey) -> Option<SocketAddr> {
-        match self.conns.get(key.slot as usize) {
-            Some(Some(c)) if c.generation == key.generation => c.peer,
-            _ => None,
-        }
     }
 }

@@ -18,7 +18,6 @@
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -150,6 +149,18 @@ pub struct UringDriver {
     starved: Vec<ConnKey>,
     deferred: Vec<Event<u32>>,
     max_connections: usize,
+    /// Peer-address lookups in flight (`SO_PEERNAME` via io_uring getsockopt, kernel ≥ 6.7),
+    /// by fixed slot: the kernel writes into the box until the completion.
+    peer_lookups: std::collections::HashMap<u32, Box<PeerName>>,
+    /// Cleared when the kernel refuses the lookup; accepts then carry no peer address.
+    peer_lookup_supported: bool,
+    /// Size of the listener family's socket address.
+    peer_len: u32,
+}
+
+/// Room for a peer address written by the kernel.
+struct PeerName {
+    storage: socket2::SockAddrStorage,
 }
 
 impl std::fmt::Debug for UringDriver {
@@ -200,7 +211,47 @@ impl UringDriver {
             starved: Vec::new(),
             deferred: Vec::new(),
             max_connections: cfg.max_connections,
+            peer_lookups: std::collections::HashMap::new(),
+            peer_lookup_supported: true,
+            peer_len: size_of::<libc::sockaddr_in>() as u32,
         })
+    }
+
+    /// Starts the peer-address lookup of a newly accepted socket; its completion reports
+    /// the accept. Without kernel support the accept is reported at once, without address.
+    fn lookup_peer(&mut self, fixed: u32, out: &mut Vec<Event<u32>>) {
+        if !self.peer_lookup_supported {
+            out.push(Event::Accepted {
+                sock: fixed,
+                peer: None,
+            });
+            return;
+        }
+        let mut buf = Box::new(PeerName {
+            storage: socket2::SockAddrStorage::zeroed(),
+        });
+        let ptr = (&raw mut buf.storage).cast::<libc::c_void>();
+        let key = ConnKey {
+            slot: fixed,
+            generation: 0,
+        };
+        let sqe = opcode::GetSockOpt::new(
+            Fixed(fixed),
+            libc::SOL_SOCKET as u32,
+            libc::SO_PEERNAME as u32,
+            ptr,
+            // The kernel refuses (EINVAL) a buffer longer than the address, so ask for exactly
+            // the listener family's size (a dual-stack IPv6 listener reports IPv4 peers as
+            // v4-mapped IPv6 addresses of the same size).
+            self.peer_len,
+        )
+        .build()
+        .user_data(encode_token(OpKind::PeerName, key));
+        self.peer_lookups.insert(fixed, buf);
+        // SAFETY: the box is kept in `peer_lookups` (its heap location does not move) until
+        // this operation's completion removes it; the fixed slot stays open until then
+        // because the shard has not seen the socket yet.
+        unsafe { self.push(sqe) };
     }
 
     /// Queues one SQE, submitting first if the queue is full.
@@ -317,10 +368,7 @@ impl UringDriver {
                     self.accept_armed = false;
                 }
                 if res >= 0 {
-                    out.push(Event::Accepted {
-                        sock: res as u32,
-                        peer: None,
-                    });
+                    self.lookup_peer(res as u32, out);
                 } else if res != -libc::ECANCELED {
                     if res == -libc::ENFILE || res == -libc::EMFILE {
                         self.accept_full = true;
@@ -417,7 +465,26 @@ impl UringDriver {
                 self.wake_fd.drain();
                 out.push(Event::Wake);
             }
-            OpKind::Cancel | OpKind::AcceptCancel | OpKind::PeerName => {}
+            OpKind::PeerName => {
+                let fixed = key.slot;
+                let Some(buf) = self.peer_lookups.remove(&fixed) else {
+                    return;
+                };
+                let peer = if res >= 0 {
+                    // SAFETY: the kernel wrote a socket address of `peer_len` bytes into the
+                    // storage, which is large enough for any address family.
+                    let addr = unsafe { socket2::SockAddr::new(buf.storage, self.peer_len) };
+                    addr.as_socket()
+                } else {
+                    if matches!(-res, libc::EOPNOTSUPP | libc::EINVAL) {
+                        tracing::debug!("io_uring getsockopt unsupported; no peer addresses");
+                        self.peer_lookup_supported = false;
+                    }
+                    None
+                };
+                out.push(Event::Accepted { sock: fixed, peer });
+            }
+            OpKind::Cancel | OpKind::AcceptCancel => {}
         }
     }
 }
@@ -431,6 +498,11 @@ impl Driver for UringDriver {
 
     fn listen(&mut self, listener: std::net::TcpListener) -> io::Result<()> {
         listener.set_nonblocking(true)?;
+        self.peer_len = if listener.local_addr()?.is_ipv6() {
+            size_of::<libc::sockaddr_in6>() as u32
+        } else {
+            size_of::<libc::sockaddr_in>() as u32
+        };
         self.listener = Some(listener);
         self.arm_accept();
         Ok(())
@@ -602,10 +674,6 @@ impl Driver for UringDriver {
 
     fn waker(&self) -> Waker {
         Waker::new(self.wake_fd.clone())
-    }
-
-    fn peer_addr(&self, _key: ConnKey) -> Option<SocketAddr> {
-        None
     }
 }
 
