@@ -2,13 +2,13 @@
 //! (`curl --cacert`, `openssl s_client -verify_return_error`) connect with them, for ECDSA and
 //! RSA; and a compatible renewal is picked up while WebSocket connections stay open.
 
+mod common;
 #[path = "pki_util.rs"]
 mod util;
 
-use std::io::{BufRead as _, BufReader};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,71 +16,10 @@ use fleetgate::pki::{DataDir, Fingerprint, Keystore};
 use rustls_pki_types::{CertificateDer, ServerName};
 use util::*;
 
-/// A `fleetgate serve` child, killed (by its own pid) on drop.
-struct Gateway {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(data: &Path) -> Gateway {
-    serve_with(data, &[])
-}
-
-fn serve_with(data: &Path, extra: &[&str]) -> Gateway {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .arg("--data-dir")
-        .arg(data)
-        .args(extra)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "2",
-            "--enable-echo",
-        ])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("fleetgate serve starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if !sent {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned();
-                    let _ = tx.send(addr);
-                    sent = true;
-                }
-            }
-            eprintln!("[gateway] {line}");
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the gateway logs `listening on ADDR`");
-    let port = addr
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("a port");
-    Gateway { child, port }
+/// Starts `fleetgate serve` (2 shards, echo on) on the data dir `tmp/data`, with an optional
+/// TOML config; the shared harness of `tests/common` kills it on drop.
+fn serve(tmp: tempfile::TempDir, config: Option<&str>) -> common::Gateway {
+    common::Gateway::start_in(tmp, "auto", config, &["--shards", "2"])
 }
 
 /// root → server certificate for localhost/127.0.0.1 with `key_type`, installed in `data`
@@ -114,9 +53,9 @@ fn real_clients_connect(key_type: &str, expect_sig: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     prepare(&data, key_type);
-    let gw = serve(&data);
+    let gw = serve(tmp, None);
     let root = data.join("root.pem");
-    let url = format!("https://localhost:{}/usg/check-status", gw.port);
+    let url = format!("https://localhost:{}/usg/check-status", gw.port());
     let out = Command::new("curl")
         .args(["-sS", "--fail", "--cacert"])
         .arg(&root)
@@ -133,7 +72,7 @@ fn real_clients_connect(key_type: &str, expect_sig: &str) {
     for tls in ["-tls1_2", "-tls1_3"] {
         let out = Command::new("openssl")
             .args(["s_client", "-connect"])
-            .arg(format!("127.0.0.1:{}", gw.port))
+            .arg(format!("127.0.0.1:{}", gw.port()))
             .args([
                 "-servername",
                 "localhost",
@@ -246,7 +185,7 @@ fn renewal_under_load_keeps_connections_and_new_ones_see_the_new_certificate() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     prepare(&data, "ecdsa-p256");
-    let gw = serve(&data);
+    let gw = serve(tmp, None);
     let config = tls_config(&data.join("root.pem"));
     let old_leaf = Keystore::load(&DataDir::new(&data).keystore_path())
         .unwrap()
@@ -255,7 +194,7 @@ fn renewal_under_load_keeps_connections_and_new_ones_see_the_new_certificate() {
 
     let mut held: Vec<Ws> = (0..20)
         .map(|i| {
-            let (mut ws, leaf) = ws_connect(gw.port, &config);
+            let (mut ws, leaf) = ws_connect(gw.port(), &config);
             assert_eq!(leaf, old_leaf);
             echo(&mut ws, &format!("before {i}"));
             ws
@@ -278,7 +217,7 @@ fn renewal_under_load_keeps_connections_and_new_ones_see_the_new_certificate() {
     // New connections get the new certificate within a few seconds.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, leaf) = tls_connect(gw.port, &config);
+        let (_, leaf) = tls_connect(gw.port(), &config);
         if leaf == new_leaf {
             break;
         }
@@ -289,7 +228,7 @@ fn renewal_under_load_keeps_connections_and_new_ones_see_the_new_certificate() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (mut fresh, leaf) = ws_connect(gw.port, &config);
+    let (mut fresh, leaf) = ws_connect(gw.port(), &config);
     assert_eq!(
         Fingerprint::of(&leaf),
         Fingerprint::of(&new_leaf),
@@ -311,9 +250,9 @@ fn rollover_switch_is_served_without_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     prepare(&data, "ecdsa-p256");
-    let gw = serve(&data);
+    let gw = serve(tmp, None);
     let old_config = tls_config(&data.join("root.pem"));
-    let (mut held, _) = ws_connect(gw.port, &old_config);
+    let (mut held, _) = ws_connect(gw.port(), &old_config);
 
     create_root(&data, "Serve Test Root 2", &[]).ok();
     issue(
@@ -332,14 +271,14 @@ fn rollover_switch_is_served_without_restart() {
     .ok();
     // Staging changes nothing for clients.
     std::thread::sleep(Duration::from_millis(1500));
-    tls_connect(gw.port, &old_config);
+    tls_connect(gw.port(), &old_config);
 
     pki(&data, &["rollover", "switch"]).ok();
     let new_config = tls_config(&data.join("root.pem"));
     let new_leaf = Keystore::load(&next).unwrap().leaf().clone();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let tcp = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", gw.port())).unwrap();
         let conn = rustls::ClientConnection::new(
             new_config.clone(),
             ServerName::try_from("localhost").unwrap(),
@@ -372,11 +311,9 @@ fn sighup_installs_a_replaced_keystore_without_dropping_connections() {
     let data = tmp.path().join("data");
     prepare(&data, "ecdsa-p256");
     // Polling of the keystore file is effectively off: only SIGHUP can install it.
-    let cfg = tmp.path().join("fleetgate.toml");
-    std::fs::write(&cfg, "[server]\nkeystore_poll_ms = 3600000\n").unwrap();
-    let gw = serve_with(&data, &["--config", cfg.to_str().unwrap()]);
+    let gw = serve(tmp, Some("[server]\nkeystore_poll_ms = 3600000\n"));
     let config = tls_config(&data.join("root.pem"));
-    let (mut held, old_leaf) = ws_connect(gw.port, &config);
+    let (mut held, old_leaf) = ws_connect(gw.port(), &config);
     echo(&mut held, "before");
 
     issue(
@@ -393,7 +330,7 @@ fn sighup_installs_a_replaced_keystore_without_dropping_connections() {
     // Replace the file by hand (what an operator's own tooling would do), then SIGHUP.
     std::fs::copy(&renewed, DataDir::new(&data).keystore_path()).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let (_, leaf) = tls_connect(gw.port, &config);
+    let (_, leaf) = tls_connect(gw.port(), &config);
     assert_eq!(leaf, old_leaf, "not installed before the signal");
     let ok = Command::new("kill")
         .args(["-HUP", &gw.child.id().to_string()])
@@ -403,7 +340,7 @@ fn sighup_installs_a_replaced_keystore_without_dropping_connections() {
     assert!(ok);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, leaf) = tls_connect(gw.port, &config);
+        let (_, leaf) = tls_connect(gw.port(), &config);
         if leaf == new_leaf {
             break;
         }
