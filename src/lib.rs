@@ -12,6 +12,7 @@
 //! * [`driver`] is the only place with io_uring or mio; [`sys`] holds the few raw syscalls.
 //! * [`shard`] runs one event loop per core; [`server`] starts and stops them.
 
+pub mod admin;
 pub mod buf;
 pub mod cli;
 pub mod config;

@@ -50,6 +50,9 @@ enum Command {
     Status(fleetgate::cli::status::StatusArgs),
     /// Memory, CPU and file-descriptor budget for a fleet.
     Sizing(fleetgate::cli::sizing::SizingArgs),
+    /// Make the gateway running on this data dir re-read its keystore now (through
+    /// DATA_DIR/admin.sock; the same as SIGHUP). Exit 0 when installed, 1 when refused.
+    Reload,
     /// The device registry (SQLite): online backup, schema migration.
     #[command(subcommand)]
     Registry(RegistryCommand),
@@ -169,6 +172,20 @@ fn main() -> ExitCode {
             fleetgate::cli::status::run(args, cli.data_dir.as_deref())
         }
         Command::Sizing(args) => fleetgate::cli::sizing::run(args),
+        Command::Reload => load_config(cli.config.as_ref(), cli.data_dir).and_then(|c| {
+            let answer =
+                fleetgate::admin::request(&c.server.data_dir, &fleetgate::admin::Request::Reload)?;
+            if answer.ok {
+                eprintln!("keystore re-read and installed");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "error: the gateway kept its current keystore: {}",
+                    answer.error.unwrap_or_default()
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }),
         Command::Registry(cmd) => load_config(cli.config.as_ref(), cli.data_dir)
             .and_then(|c| registry_command(cmd, &c.server.data_dir)),
         Command::Config(ConfigCommand::Check { file }) => match Config::load(&file) {

@@ -48,6 +48,9 @@ pub enum StartError {
     /// `--driver uring` was asked for but io_uring is unusable here.
     #[error("io_uring is not usable here ({0}); use --driver epoll or auto")]
     Uring(String),
+    /// The admin socket could not be set up (or another gateway uses the data dir).
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// A shard failed to start.
     #[error("shard {shard} failed to start: {message}")]
     Shard {
@@ -80,6 +83,9 @@ pub struct Running {
     /// The keystore being served, re-checked at every status recomputation (a certificate
     /// that expires while the gateway runs turns the status to `err`).
     active_keystore: Mutex<Keystore>,
+    /// The admin socket (`DATA_DIR/admin.sock`), served by the control loop.
+    admin: Option<std::os::unix::net::UnixListener>,
+    data_dir: PathBuf,
 }
 
 impl std::fmt::Debug for Running {
@@ -159,6 +165,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         tracing::warn!("io_uring unavailable ({why}); using epoll");
     }
     tracing::debug!("driver chosen after {:?}", t0.elapsed());
+    let admin = crate::admin::bind(&data_dir)?;
     let n = config.shard_count();
     let listeners = bind_listeners(config.server.listen, n)?;
     let local_addr = listeners[0]
@@ -273,6 +280,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         started: t0,
         keystore_stamp: Mutex::new(file_stamp(&boot.keystore_path)),
         active_keystore: Mutex::new(keystore),
+        admin: Some(admin),
+        data_dir,
     };
     running.recompute_status();
     tracing::info!(
@@ -420,9 +429,42 @@ impl Running {
         now.is_some() && now != *last
     }
 
+    /// Answers pending admin-socket requests.
+    pub fn serve_admin(&self) {
+        let Some(listener) = &self.admin else { return };
+        crate::admin::serve_pending(listener, |req| match req {
+            crate::admin::Request::Status => {
+                let stats = &self.shared.stats;
+                crate::admin::Response {
+                    ok: true,
+                    status: Some(self.health().as_str().into()),
+                    driver: Some(self.driver.into()),
+                    shards: Some(self.shards.len()),
+                    connections: Some(metrics::total(stats, |s| &s.connections)),
+                    devices: Some(metrics::total(stats, |s| &s.devices)),
+                    management: Some(metrics::total(stats, |s| &s.management)),
+                    ..Default::default()
+                }
+            }
+            crate::admin::Request::Reload => match self.reload_keystore() {
+                Ok(()) => crate::admin::Response {
+                    ok: true,
+                    ..Default::default()
+                },
+                Err(e) => {
+                    tracing::error!("keystore reload (admin socket) failed: {e}");
+                    crate::admin::Response::failed(e)
+                }
+            },
+        });
+    }
+
     /// Stops accepting, closes WebSockets with 1001, waits for the shards (at most the drain
     /// deadline plus a little), and returns.
-    pub fn shutdown(self) {
+    pub fn shutdown(mut self) {
+        if self.admin.take().is_some() {
+            let _ = std::fs::remove_file(crate::admin::socket_path(&self.data_dir));
+        }
         let drain = Duration::from_millis(self.config.server.drain_timeout_ms);
         for s in &self.shards {
             let _ = s.tx.send(Command::Shutdown { drain });
@@ -435,7 +477,8 @@ impl Running {
 
     /// The control loop: runs until SIGTERM or SIGINT, then shuts down. SIGHUP re-reads the
     /// keystore; so does a change of the keystore file (checked every
-    /// `server.keystore_poll_ms`). The status is recomputed every `status.interval_secs`.
+    /// `server.keystore_poll_ms`) and `fleetgate reload` (admin socket). The status is
+    /// recomputed every `status.interval_secs`.
     pub fn run_until_signalled(self) -> std::io::Result<()> {
         let term = Arc::new(AtomicBool::new(false));
         let hup = Arc::new(AtomicBool::new(false));
@@ -463,6 +506,7 @@ impl Running {
                 next_status = now + status_every;
                 self.recompute_status();
             }
+            self.serve_admin();
         }
         tracing::info!("shutting down");
         let t = Instant::now();

@@ -352,3 +352,68 @@ fn sighup_installs_a_replaced_keystore_without_dropping_connections() {
     }
     echo(&mut held, "after");
 }
+
+#[test]
+fn fleetgate_reload_installs_a_replaced_keystore_through_the_admin_socket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    prepare(&data, "ecdsa-p256");
+    let gw = serve(tmp, Some("[server]\nkeystore_poll_ms = 3600000\n"));
+    let config = tls_config(&data.join("root.pem"));
+    let (_, old_leaf) = tls_connect(gw.port(), &config);
+
+    // A second gateway on the same data dir is refused: the admin socket answers.
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another gateway is already running with data dir"),
+        "{err}"
+    );
+
+    issue(
+        &data,
+        "serve-test-root",
+        "serve-reload",
+        "localhost;127.0.0.1;::1",
+        &[],
+    )
+    .ok();
+    let renewed = export(&data, "serve-reload");
+    let new_leaf = Keystore::load(&renewed).unwrap().leaf().clone();
+    std::fs::copy(&renewed, DataDir::new(&data).keystore_path()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("reload")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Installed when `reload` returns: the very next connection sees it.
+    let (_, leaf) = tls_connect(gw.port(), &config);
+    assert_eq!(leaf, new_leaf);
+    assert_ne!(leaf, old_leaf);
+
+    // A broken keystore is refused and the served one stays.
+    std::fs::write(DataDir::new(&data).keystore_path(), b"garbage").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("reload")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kept its current keystore"), "{err}");
+    let (_, leaf) = tls_connect(gw.port(), &config);
+    assert_eq!(leaf, new_leaf);
+}
