@@ -171,6 +171,24 @@ pub enum PkiError {
         /// The rcgen error.
         source: rcgen::Error,
     },
+    /// A public key (SubjectPublicKeyInfo) that cannot be certified: malformed or of an
+    /// unsupported algorithm.
+    #[error("{what}: the public key cannot be used: {message}")]
+    PublicKey {
+        /// Which input.
+        what: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A certificate that parses but is not trusted for its purpose (wrong issuer, expired,
+    /// wrong extended key usage…).
+    #[error("{what} is not trusted: {message}")]
+    Untrusted {
+        /// Which certificate.
+        what: String,
+        /// Why (the verifier's verdict).
+        message: String,
+    },
     /// A small state file (rollover) is malformed.
     #[error("{}: {message}", path.display())]
     State {
@@ -208,6 +226,8 @@ impl PkiError {
                 | PkiError::Incompatible(_)
                 | PkiError::RootChanged { .. }
                 | PkiError::SameRoot
+                | PkiError::PublicKey { .. }
+                | PkiError::Untrusted { .. }
         )
     }
 

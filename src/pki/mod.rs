@@ -25,7 +25,11 @@
 //!   keystore.pem            the ACTIVE keystore (0600). The gateway serves it and watches it;
 //!                           it is only ever replaced by rename (never written in place)
 //!   root.pem                the active root certificate (0644), for clients and devices
+//!   device-ca.pem           the device CA certificate (0644): the trust anchor of the TLS
+//!                           server's client-certificate verifier (module `device`)
 //!   pki/                    (0700)
+//!     device-ca/ca.pem      the device CA, which issues device client certificates (0644)
+//!     device-ca/ca.key      its private key, PKCS#8 (0600; directory 0700)
 //!     ca/<name>.pem         a CA's certificate chain: the CA first, root last (0644)
 //!     ca/<name>.key         that CA's private key, PKCS#8 (0600); absent for CAs imported
 //!                           without a key (they cannot issue)
@@ -59,6 +63,7 @@ pub mod cert;
 pub mod country;
 pub mod create;
 mod der;
+pub mod device;
 mod error;
 pub mod fs;
 mod keystore;
@@ -70,6 +75,7 @@ pub mod verify;
 pub use bootstrap::{Bootstrap, bootstrap, hostname};
 pub use cert::{BasicConstraints, CertInfo, San};
 pub use create::{Generated, Host, IssuingCa, KeyType, Subject};
+pub use device::{DeviceCa, IssuedDevice, ensure_device_ca, verify_device_cert};
 pub use error::{DECRYPT_HINT, PkiError};
 pub use keystore::{Fingerprint, Keystore};
 pub use store::{DataDir, StoredCa};
