@@ -2,8 +2,9 @@
 
 use std::fmt;
 
-/// Longest unit ID accepted.
-pub const MAX_UNIT_ID_LEN: usize = 128;
+/// Longest unit ID accepted: 64, because the device credential carries the unit ID as its
+/// certificate's common name, which X.509 limits to 64 characters (`ub-common-name`).
+pub const MAX_UNIT_ID_LEN: usize = 64;
 
 /// Checks a unit ID; returns it trimmed.
 ///
@@ -17,7 +18,7 @@ pub fn check_unit_id(unit: &str) -> Result<&str, &'static str> {
         return Err("empty");
     }
     if u.len() > MAX_UNIT_ID_LEN {
-        return Err("longer than 128 characters");
+        return Err("longer than 64 characters");
     }
     if !u.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("only printable ASCII characters without spaces are allowed");
@@ -206,7 +207,8 @@ mod tests {
         assert!(check_unit_id("a\u{0}b").is_err());
         assert!(check_unit_id("ü").is_err());
         assert!(check_unit_id(&"x".repeat(129)).is_err());
-        assert!(check_unit_id(&"x".repeat(128)).is_ok());
+        assert!(check_unit_id(&"x".repeat(64)).is_ok());
+        assert!(check_unit_id(&"x".repeat(65)).is_err());
     }
 
     #[test]
