@@ -305,6 +305,24 @@ fn rollover_switch_is_served_without_restart() {
     echo(&mut held, "still here");
 }
 
+/// Issues a compatible server certificate `name` (same root, same hosts) and copies its
+/// keystore over `DATA_DIR/keystore.pem` by hand, as an operator's own tooling would; returns
+/// the new leaf. Nothing tells the gateway: the caller does (SIGHUP, `fleetgate reload`).
+fn replace_keystore_by_hand(data: &Path, name: &str) -> CertificateDer<'static> {
+    issue(
+        data,
+        "serve-test-root",
+        name,
+        "localhost;127.0.0.1;::1",
+        &[],
+    )
+    .ok();
+    let renewed = export(data, name);
+    let new_leaf = Keystore::load(&renewed).unwrap().leaf().clone();
+    std::fs::copy(&renewed, DataDir::new(data).keystore_path()).unwrap();
+    new_leaf
+}
+
 #[test]
 fn sighup_installs_a_replaced_keystore_without_dropping_connections() {
     let tmp = tempfile::tempdir().unwrap();
@@ -316,19 +334,8 @@ fn sighup_installs_a_replaced_keystore_without_dropping_connections() {
     let (mut held, old_leaf) = ws_connect(gw.port(), &config);
     echo(&mut held, "before");
 
-    issue(
-        &data,
-        "serve-test-root",
-        "serve-hup",
-        "localhost;127.0.0.1;::1",
-        &[],
-    )
-    .ok();
-    let renewed = export(&data, "serve-hup");
-    let new_leaf = Keystore::load(&renewed).unwrap().leaf().clone();
+    let new_leaf = replace_keystore_by_hand(&data, "serve-hup");
     assert_ne!(new_leaf, old_leaf);
-    // Replace the file by hand (what an operator's own tooling would do), then SIGHUP.
-    std::fs::copy(&renewed, DataDir::new(&data).keystore_path()).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let (_, leaf) = tls_connect(gw.port(), &config);
     assert_eq!(leaf, old_leaf, "not installed before the signal");
@@ -376,17 +383,7 @@ fn fleetgate_reload_installs_a_replaced_keystore_through_the_admin_socket() {
         "{err}"
     );
 
-    issue(
-        &data,
-        "serve-test-root",
-        "serve-reload",
-        "localhost;127.0.0.1;::1",
-        &[],
-    )
-    .ok();
-    let renewed = export(&data, "serve-reload");
-    let new_leaf = Keystore::load(&renewed).unwrap().leaf().clone();
-    std::fs::copy(&renewed, DataDir::new(&data).keystore_path()).unwrap();
+    let new_leaf = replace_keystore_by_hand(&data, "serve-reload");
     let out = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
         .arg("--data-dir")
         .arg(&data)
