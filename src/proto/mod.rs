@@ -4,5 +4,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod device;
 pub mod http;
 pub mod ws;

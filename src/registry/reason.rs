@@ -17,6 +17,8 @@
 //! | `credential_superseded` | the unit registered again; this older credential is void          | drop this credential |
 //! | `credential_expired`    | the device credential is past its `not_after`                     | register again |
 //! | `internal_error`        | the registry could not be read or written                         | retry later |
+//! | `limit_reached`         | the gateway's device connection limit is reached                  | wait (retry-after) |
+//! | `bad_request`           | a malformed registration message (JSON, CSR signature, phase)     | report a bug |
 
 use std::fmt;
 use std::str::FromStr;
@@ -48,11 +50,16 @@ pub enum Reason {
     CredentialExpired,
     /// The registry failed; nothing was consumed.
     InternalError,
+    /// The gateway's device connection limit is reached.
+    LimitReached,
+    /// A malformed registration message (bad JSON, a CSR whose signature does not verify, a
+    /// message the phase does not allow).
+    BadRequest,
 }
 
 impl Reason {
     /// Every code, in documentation order.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Granted,
         Reason::KeyUnknown,
         Reason::KeyUsed,
@@ -65,6 +72,8 @@ impl Reason {
         Reason::CredentialSuperseded,
         Reason::CredentialExpired,
         Reason::InternalError,
+        Reason::LimitReached,
+        Reason::BadRequest,
     ];
 
     /// The wire code.
@@ -82,6 +91,8 @@ impl Reason {
             Reason::CredentialSuperseded => "credential_superseded",
             Reason::CredentialExpired => "credential_expired",
             Reason::InternalError => "internal_error",
+            Reason::LimitReached => "limit_reached",
+            Reason::BadRequest => "bad_request",
         }
     }
 
@@ -112,6 +123,10 @@ impl Reason {
                 "This device's credential has expired. Register it again with a key."
             }
             Reason::InternalError => "The gateway cannot check the key right now. Try again later.",
+            Reason::LimitReached => {
+                "The gateway has reached its device connection limit. The device will retry later."
+            }
+            Reason::BadRequest => "The gateway did not understand the device's request.",
         }
     }
 
@@ -121,7 +136,7 @@ impl Reason {
     pub fn is_failure(self) -> bool {
         !matches!(
             self,
-            Reason::Granted | Reason::RateLimited | Reason::InternalError
+            Reason::Granted | Reason::RateLimited | Reason::InternalError | Reason::LimitReached
         )
     }
 }
@@ -185,7 +200,9 @@ mod tests {
                 "credential_revoked",
                 "credential_superseded",
                 "credential_expired",
-                "internal_error"
+                "internal_error",
+                "limit_reached",
+                "bad_request"
             ]
         );
     }
