@@ -210,7 +210,11 @@ fn describe_session(conn: &rustls::ClientConnection) -> String {
     format!("{version} {suite} {group}")
 }
 
-fn connect_error(e: &io::Error, addr: SocketAddr, source: Option<IpAddr>) -> DeviceError {
+pub(crate) fn connect_error(
+    e: &io::Error,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> DeviceError {
     let from = source.map(|s| format!(" from {s}")).unwrap_or_default();
     let message = match (e.kind(), e.raw_os_error()) {
         (io::ErrorKind::ConnectionRefused, _) => {
@@ -240,7 +244,7 @@ fn connect_error(e: &io::Error, addr: SocketAddr, source: Option<IpAddr>) -> Dev
     DeviceError::new(ErrorKind::Connect, message)
 }
 
-fn tls_error(e: &io::Error, name: &ServerName<'_>) -> DeviceError {
+pub(crate) fn tls_error(e: &io::Error, name: &ServerName<'_>) -> DeviceError {
     let name = name.to_str();
     let message = match e
         .get_ref()
@@ -289,7 +293,7 @@ fn tls_error(e: &io::Error, name: &ServerName<'_>) -> DeviceError {
     DeviceError::new(ErrorKind::Tls, message)
 }
 
-fn upgrade_error(e: WsError, path: &str) -> DeviceError {
+pub(crate) fn upgrade_error(e: WsError, path: &str) -> DeviceError {
     let message = match e {
         WsError::Http(response) => {
             let status = response.status();

@@ -1,10 +1,19 @@
 //! `loadtest`: simulates fleets of devices against fleetgate or any other `ws://`/`wss://`
 //! server and measures what they cost it. See `loadtest/README.md`.
 
+mod backoff;
 mod baseline;
+mod creds;
 mod device;
+mod fleet;
+mod fleet_wire;
+mod fleet_worker;
 mod idle;
+mod messages;
 mod plan;
+mod pool;
+mod reconnect;
+mod register;
 mod sources;
 mod summary;
 mod sys;
@@ -33,18 +42,30 @@ enum Command {
     /// N devices connect (TCP + TLS + WebSocket upgrade), ping now and then, hold, close;
     /// prints a JSON summary (connect rate, latency, server bytes per idle device)
     Idle(plan::IdleArgs),
+    /// N devices register with one-time keys (fleetgate §5.3) and connect once with their new
+    /// credential; registrations per second, latencies, refusals; writes the credentials
+    Register(register::RegisterArgs),
+    /// N registered devices connect, the gateway restarts, they reconnect with backoff and
+    /// full jitter; time until every device has its session again
+    Reconnect(reconnect::ReconnectArgs),
     /// A tokio + tokio-rustls + tokio-tungstenite echo server with default settings, as the
     /// reference point for side-by-side runs
     BaselineServer(baseline::BaselineArgs),
     /// Internal: one worker process of `idle` (started by the parent)
     #[command(name = "__worker", hide = true)]
     Worker { config: String },
+    /// Internal: one worker process of `register` / `reconnect`
+    #[command(name = "__fleet-worker", hide = true)]
+    FleetWorker { config: String },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Idle(args) => idle::main(args),
         Command::BaselineServer(args) => baseline::main(args),
+        Command::Register(args) => register::main(args),
+        Command::Reconnect(args) => reconnect::main(args),
         Command::Worker { config } => worker::main(&config),
+        Command::FleetWorker { config } => fleet_worker::main(&config),
     }
 }

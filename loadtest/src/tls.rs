@@ -6,10 +6,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
+use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use serde::{Deserialize, Serialize};
 
@@ -56,19 +58,24 @@ pub fn client_config(trust: &Trust, versions: TlsVersions) -> Result<Arc<ClientC
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
         .context("TLS versions")?;
-    let mut config = match trust {
-        Trust::Insecure => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(
-                provider().signature_verification_algorithms,
-            )))
-            .with_no_client_auth(),
+    let mut config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(server_verifier(trust)?)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// How devices check the server's chain (see [`CachingVerifier`]). Share one per process:
+/// the cache lives in it.
+pub fn server_verifier(trust: &Trust) -> Result<Arc<dyn ServerCertVerifier>> {
+    Ok(match trust {
+        Trust::Insecure => Arc::new(AcceptAnyCertificate(
+            provider().signature_verification_algorithms,
+        )),
         Trust::Ca(path) => {
             let roots = Arc::new(load_roots(path)?);
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(CachingVerifier::new(roots)?)
-                .with_no_client_auth()
+            CachingVerifier::new(roots)?
         }
         Trust::System => {
             let path = std::env::var_os("SSL_CERT_FILE")
@@ -84,14 +91,74 @@ pub fn client_config(trust: &Trust, versions: TlsVersions) -> Result<Arc<ClientC
                      (fleetgate: DATA_DIR/root.pem) or --insecure",
                 )?;
             let roots = Arc::new(load_roots(&path)?);
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(CachingVerifier::new(roots)?)
-                .with_no_client_auth()
+            CachingVerifier::new(roots)?
         }
+    })
+}
+
+/// A device client configuration with a shared server verifier and, optionally, a client
+/// certificate (the device credential, `docs/protocol.md` §5). Resumption is off, as in
+/// [`client_config`].
+pub fn device_client_config(
+    verifier: Arc<dyn ServerCertVerifier>,
+    versions: TlsVersions,
+    credential: Option<Arc<CertifiedKey>>,
+) -> Result<ClientConfig> {
+    let versions: &[&rustls::SupportedProtocolVersion] = match versions {
+        TlsVersions::Any => rustls::ALL_VERSIONS,
+        TlsVersions::Tls12 => &[&rustls::version::TLS12],
+        TlsVersions::Tls13 => &[&rustls::version::TLS13],
+    };
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .context("TLS versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match credential {
+        Some(key) => builder.with_client_cert_resolver(Arc::new(OneCredential(key))),
+        None => builder.with_no_client_auth(),
     };
     config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config))
+    Ok(config)
+}
+
+/// Loads a device credential once, so that each connection only clones an `Arc`.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'_>,
+) -> Result<Arc<CertifiedKey>> {
+    let signing = provider()
+        .key_provider
+        .load_private_key(key.clone_key())
+        .context("unusable device private key")?;
+    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+}
+
+/// The same configuration with another client credential: cheap (clones and `Arc`s), so a
+/// worker keeps one configuration and thousands of credentials instead of thousands of
+/// configurations.
+pub fn with_credential(base: &ClientConfig, key: Arc<CertifiedKey>) -> Arc<ClientConfig> {
+    let mut config = base.clone();
+    config.client_auth_cert_resolver = Arc::new(OneCredential(key));
+    Arc::new(config)
+}
+
+/// Always presents the one device credential.
+#[derive(Debug)]
+struct OneCredential(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for OneCredential {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore> {
