@@ -56,6 +56,16 @@ pub enum Request {
     Status,
     /// Re-read the keystore now.
     Reload,
+    /// Re-read the revoked device credentials now and close their sessions (after
+    /// `fleetgate devices remove`).
+    Refresh,
+    /// Set the device connection limit (0 = unlimited) until the next restart.
+    SetLimit {
+        /// The new limit.
+        max_devices: u64,
+    },
+    /// The connected devices.
+    Sessions,
 }
 
 /// An answer.
@@ -84,6 +94,27 @@ pub struct Response {
     /// Open management WebSockets (status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub management: Option<u64>,
+    /// Authenticated device sessions (status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_sessions: Option<u64>,
+    /// The device connection limit, 0 = unlimited (status, set-limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_devices: Option<u64>,
+    /// Registrations granted since start (status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registrations: Option<u64>,
+    /// Registrations refused since start (status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registrations_refused: Option<u64>,
+    /// Devices rejected by the connection limit since start (status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_rejections: Option<u64>,
+    /// Resident memory in bytes (status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// The connected devices (sessions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<Vec<crate::control::LiveSession>>,
 }
 
 impl Response {

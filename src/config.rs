@@ -77,6 +77,8 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// Connection and buffer limits.
     pub limits: LimitsConfig,
+    /// Device registration (`/usg/endpoint` register mode).
+    pub registration: RegistrationConfig,
     /// `/usg/check-status` behaviour.
     pub status: StatusConfig,
     /// Logging.
@@ -232,6 +234,19 @@ pub struct LimitsConfig {
     /// Receive buffers per shard in the provided-buffer ring (power of two). Default 512
     /// (8.25 MiB per shard): only connections with bytes in flight hold one.
     pub recv_buffers_per_shard: usize,
+    /// Most device sessions (authenticated devices) connected at once, all shards together.
+    /// 0 (the default) = unlimited. A device over the limit is refused with `limit_reached`
+    /// and the WARN line `Max connections limit has exceeded. Device [<unit>] is rejected`.
+    /// Changeable at run time (`fleetgate limit set N`).
+    pub max_devices: u64,
+    /// The retry hint given to a device refused by `max_devices`, in seconds: the device is
+    /// told to wait a random time between half and one and a half times this. Default 60:
+    /// long enough not to hammer a full gateway, short enough to get in soon after a slot frees.
+    pub limit_retry_after_secs: u64,
+    /// TLS handshakes in progress per shard above which the shard stops accepting until some
+    /// finish (waiting clients stay in the kernel's listen queue). Default 512: paces a
+    /// reconnect storm so handshakes complete instead of all timing out together.
+    pub max_pending_handshakes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -241,6 +256,36 @@ impl Default for LimitsConfig {
             max_queued_output: 1 << 20,
             recv_buffer_size: 16_896,
             recv_buffers_per_shard: 512,
+            max_devices: 0,
+            limit_retry_after_secs: 60,
+            max_pending_handshakes: 512,
+        }
+    }
+}
+
+/// `[registration]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationConfig {
+    /// How long a device in register mode has to send its `register` message after the
+    /// WebSocket upgrade, in milliseconds. Default 30000.
+    pub timeout_ms: u64,
+    /// Validity of an issued device certificate, in days. Default 1825 (5 years): devices
+    /// re-register only when it runs out.
+    pub certificate_days: u32,
+    /// Most registrations decided in one database transaction (one disk sync). Default 256.
+    pub batch_max: usize,
+    /// Per-source limit on failed attempts (key guessing).
+    pub rate_limit: crate::registry::limiter::RateLimitConfig,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 30_000,
+            certificate_days: crate::pki::device::DEVICE_CERT_DAYS,
+            batch_max: 256,
+            rate_limit: crate::registry::limiter::RateLimitConfig::default(),
         }
     }
 }
@@ -424,6 +469,28 @@ impl Config {
         }
         if self.tls.handshake_timeout_ms == 0 || self.http.head_timeout_ms == 0 {
             return bad("tls.handshake_timeout_ms", "timeouts must be at least 1 ms");
+        }
+        if self.limits.max_pending_handshakes == 0 {
+            return bad("limits.max_pending_handshakes", "must be at least 1");
+        }
+        if self.limits.limit_retry_after_secs == 0 || self.limits.limit_retry_after_secs > 86_400
+        {
+            return bad(
+                "limits.limit_retry_after_secs",
+                "must be between 1 and 86400",
+            );
+        }
+        if self.registration.timeout_ms == 0 {
+            return bad("registration.timeout_ms", "must be at least 1");
+        }
+        if self.registration.certificate_days == 0 || self.registration.certificate_days > 36_500 {
+            return bad(
+                "registration.certificate_days",
+                "must be between 1 and 36500",
+            );
+        }
+        if !(1..=10_000).contains(&self.registration.batch_max) {
+            return bad("registration.batch_max", "must be between 1 and 10000");
         }
         if self.status.interval_secs == 0 {
             return bad("status.interval_secs", "must be at least 1");

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod buf;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod discovery;
 pub mod driver;
 pub mod export;

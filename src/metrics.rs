@@ -230,6 +230,117 @@ pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u
     o
 }
 
+/// Process-wide onboarding figures: registration and session outcomes by reason code, the
+/// device connection limit. Written by the shards and the registrar (relaxed atomics; these
+/// change once per connection, not per message).
+#[derive(Debug, Default)]
+pub struct Onboarding {
+    /// Registration outcomes by [`Reason`](crate::registry::Reason) (index in `Reason::ALL`).
+    pub registrations: [AtomicU64; crate::registry::Reason::ALL.len()],
+    /// Session refusals by reason (revoked, superseded, unknown, limit).
+    pub session_refusals: [AtomicU64; crate::registry::Reason::ALL.len()],
+    /// Device sessions accepted.
+    pub sessions_accepted: AtomicU64,
+    /// Device sessions open now, all shards (what the limit is checked against).
+    pub sessions_open: AtomicU64,
+    /// The device connection limit (0 = unlimited).
+    pub max_devices: AtomicU64,
+}
+
+fn reason_index(r: crate::registry::Reason) -> usize {
+    crate::registry::Reason::ALL
+        .iter()
+        .position(|x| *x == r)
+        .unwrap_or(0)
+}
+
+impl Onboarding {
+    /// Counts a registration outcome.
+    pub fn registration(&self, r: crate::registry::Reason) {
+        ShardStats::inc(&self.registrations[reason_index(r)]);
+    }
+
+    /// Counts a refused session.
+    pub fn session_refused(&self, r: crate::registry::Reason) {
+        ShardStats::inc(&self.session_refusals[reason_index(r)]);
+    }
+
+    /// Takes a device-session slot if the limit allows; false = over the limit.
+    pub fn try_open_session(&self) -> bool {
+        let prev = self.sessions_open.fetch_add(1, Ordering::AcqRel);
+        let max = self.max_devices.load(Ordering::Relaxed);
+        if max > 0 && prev >= max {
+            self.sessions_open.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        ShardStats::inc(&self.sessions_accepted);
+        true
+    }
+
+    /// Gives a device-session slot back.
+    pub fn close_session(&self) {
+        self.sessions_open.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Registrations granted so far.
+    pub fn granted(&self) -> u64 {
+        get(&self.registrations[reason_index(crate::registry::Reason::Granted)])
+    }
+
+    /// Refused registrations so far (every reason but `granted`).
+    pub fn registrations_refused(&self) -> u64 {
+        let all: u64 = self.registrations.iter().map(get).sum();
+        all - self.granted()
+    }
+
+    /// Sessions refused because of the limit.
+    pub fn limit_rejections(&self) -> u64 {
+        get(&self.session_refusals[reason_index(crate::registry::Reason::LimitReached)])
+    }
+
+    /// Appends the Prometheus text of these figures to `o`.
+    pub fn render_into(&self, o: &mut String) {
+        let name = "fleetgate_registrations_total";
+        let _ = writeln!(
+            o,
+            "# HELP {name} Device registration attempts by outcome.\n# TYPE {name} counter"
+        );
+        for (i, r) in crate::registry::Reason::ALL.iter().enumerate() {
+            let _ = writeln!(o, "{name}{{reason=\"{r}\"}} {}", get(&self.registrations[i]));
+        }
+        let name = "fleetgate_device_sessions_refused_total";
+        let _ = writeln!(
+            o,
+            "# HELP {name} Device sessions refused, by reason (limit_reached: the connection limit).\n# TYPE {name} counter"
+        );
+        for (i, r) in crate::registry::Reason::ALL.iter().enumerate() {
+            if r.as_str().starts_with("credential_") || *r == crate::registry::Reason::LimitReached {
+                let _ = writeln!(o, "{name}{{reason=\"{r}\"}} {}", get(&self.session_refusals[i]));
+            }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP fleetgate_device_connection_limit_rejections_total Devices rejected because the connection limit was reached.\n# TYPE fleetgate_device_connection_limit_rejections_total counter\nfleetgate_device_connection_limit_rejections_total {}",
+            self.limit_rejections()
+        );
+        let _ = writeln!(
+            o,
+            "# HELP fleetgate_device_sessions_accepted_total Authenticated device sessions accepted.\n# TYPE fleetgate_device_sessions_accepted_total counter\nfleetgate_device_sessions_accepted_total {}",
+            get(&self.sessions_accepted)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP fleetgate_device_sessions Authenticated device sessions open.\n# TYPE fleetgate_device_sessions gauge\nfleetgate_device_sessions {}",
+            get(&self.sessions_open)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP fleetgate_device_connection_limit The device connection limit (0 = unlimited).\n# TYPE fleetgate_device_connection_limit gauge\nfleetgate_device_connection_limit {}",
+            get(&self.max_devices)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

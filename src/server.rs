@@ -13,6 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 use rustls::ServerConfig;
 
 use crate::config::{Config, DriverKind};
+use crate::control::registrar::{Registrar, ShardLink};
+use crate::control::{Job, Revocations};
 use crate::driver::epoll::EpollDriver;
 use crate::driver::probe::{self, Chosen};
 use crate::driver::uring::UringDriver;
@@ -51,6 +53,9 @@ pub enum StartError {
     /// The admin socket could not be set up (or another gateway uses the data dir).
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    /// The device registry could not be opened.
+    #[error("device registry")]
+    Registry(#[from] crate::registry::RegistryError),
     /// A shard failed to start.
     #[error("shard {shard} failed to start: {message}")]
     Shard {
@@ -86,6 +91,11 @@ pub struct Running {
     /// The admin socket (`DATA_DIR/admin.sock`), served by the control loop.
     admin: Option<std::os::unix::net::UnixListener>,
     data_dir: PathBuf,
+    /// The device CA certificate: the client-certificate trust anchor of every TLS config.
+    device_ca: rustls_pki_types::CertificateDer<'static>,
+    /// The registrar's inbox (admin requests) and its thread.
+    jobs: Sender<Job>,
+    registrar: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Running {
@@ -152,7 +162,32 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
     tracing::debug!("keystore loaded after {:?}", t0.elapsed());
-    let tls_config = crate::tls::server_config(&keystore, &config.tls)?;
+    let device_ca =
+        pki::device::ensure_device_ca(&data_dir).map_err(|source| StartError::Pki {
+            dir: data_dir.clone(),
+            source,
+        })?;
+    if device_ca.created() {
+        tracing::info!(
+            "created the device CA (issues device credentials) in {}",
+            pki::device::device_ca_dir(&data_dir).display()
+        );
+    }
+    let registry = crate::registry::Registry::open(
+        &data_dir.join(crate::registry::FILE_NAME),
+        &crate::registry::OpenOptions {
+            actor: "gateway".into(),
+            ..Default::default()
+        },
+    )?;
+    let revocations = Arc::new(crate::control::registrar::load_revocations(&registry)?);
+    tracing::debug!(
+        revoked = revocations.len(),
+        "registry opened after {:?}",
+        t0.elapsed()
+    );
+    let device_ca_der = device_ca.cert_der().clone();
+    let tls_config = crate::tls::server_config(&keystore, &config.tls, Some(&device_ca_der))?;
     tracing::debug!("TLS configuration ready after {:?}", t0.elapsed());
     tracing::debug!("certificate chain checked after {:?}", t0.elapsed());
 
@@ -176,10 +211,18 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         })?;
 
     let stats: Arc<[ShardStats]> = (0..n).map(|_| ShardStats::default()).collect();
+    let onboarding = Arc::new(metrics::Onboarding::default());
+    onboarding
+        .max_devices
+        .store(config.limits.max_devices, Ordering::Relaxed);
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
     let shared = Shared {
         stats,
         status: Arc::new(StatusCell::default()),
+        onboarding,
+        jobs: jobs_tx.clone(),
     };
+    let max_handshaking = config.limits.max_pending_handshakes;
     let settings = Settings::from_config(&config);
     let max_conns = match chosen {
         // A ring's fixed file table cannot exceed RLIMIT_NOFILE.
@@ -205,6 +248,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         let settings = settings.clone();
         let tls_config = tls_config.clone();
         let ready = ready_tx.clone();
+        let revocations = revocations.clone();
         let uring = chosen == Chosen::Uring;
         let pin = config.server.pin_threads;
         let thread = std::thread::Builder::new()
@@ -218,7 +262,17 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                 if uring {
                     match UringDriver::new(dcfg) {
                         Ok(d) => run_shard(
-                            id, d, listener, max_conns, settings, tls_config, shared, rx, ready,
+                            id,
+                            d,
+                            listener,
+                            max_conns,
+                            settings,
+                            tls_config,
+                            shared,
+                            rx,
+                            ready,
+                            revocations,
+                            max_handshaking,
                         ),
                         Err(e) => {
                             let _ = ready.send((id, Err(format!("io_uring setup: {e}"))));
@@ -227,7 +281,17 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                 } else {
                     match EpollDriver::new(dcfg) {
                         Ok(d) => run_shard(
-                            id, d, listener, max_conns, settings, tls_config, shared, rx, ready,
+                            id,
+                            d,
+                            listener,
+                            max_conns,
+                            settings,
+                            tls_config,
+                            shared,
+                            rx,
+                            ready,
+                            revocations,
+                            max_handshaking,
                         ),
                         Err(e) => {
                             let _ = ready.send((id, Err(format!("epoll setup: {e}"))));
@@ -270,6 +334,28 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             thread,
         })
         .collect();
+    let links: Vec<ShardLink> = shards
+        .iter()
+        .map(|s| ShardLink {
+            tx: s.tx.clone(),
+            waker: s.waker.clone(),
+        })
+        .collect();
+    let registrar = Registrar::new(
+        registry,
+        device_ca,
+        config.registration.clone(),
+        links,
+        revocations,
+        shared.onboarding.clone(),
+    );
+    let registrar = std::thread::Builder::new()
+        .name("registrar".into())
+        .spawn(move || registrar.run(jobs_rx))
+        .map_err(|e| StartError::Shard {
+            shard: 0,
+            message: format!("registrar thread: {e}"),
+        })?;
     let running = Running {
         local_addr,
         driver,
@@ -282,6 +368,9 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         active_keystore: Mutex::new(keystore),
         admin: Some(admin),
         data_dir,
+        device_ca: device_ca_der,
+        jobs: jobs_tx,
+        registrar: Some(registrar),
     };
     running.recompute_status();
     tracing::info!(
@@ -301,6 +390,8 @@ fn run_shard<D: Driver>(
     shared: Shared,
     rx: mpsc::Receiver<Command>,
     ready: Sender<(usize, Result<Waker, String>)>,
+    revocations: Arc<Revocations>,
+    max_handshaking: usize,
 ) {
     if let Err(e) = driver.listen(listener) {
         let _ = ready.send((id, Err(format!("listen: {e}"))));
@@ -308,7 +399,18 @@ fn run_shard<D: Driver>(
     }
     let _ = ready.send((id, Ok(driver.waker())));
     drop(ready);
-    Shard::new(id, driver, max_conns, settings, tls_config, shared, rx).run();
+    Shard::new(
+        id,
+        driver,
+        max_conns,
+        settings,
+        tls_config,
+        shared,
+        rx,
+        revocations,
+        max_handshaking,
+    )
+    .run();
 }
 
 /// One `SO_REUSEPORT` listener per shard on the same address (the first bind fixes the port
@@ -406,7 +508,8 @@ impl Running {
             let msg: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
             return Err(format!("new keystore refused: {}", msg.join("; ")));
         }
-        let cfg = crate::tls::server_config(&ks, &self.config.tls).map_err(|e| e.to_string())?;
+        let cfg = crate::tls::server_config(&ks, &self.config.tls, Some(&self.device_ca))
+            .map_err(|e| e.to_string())?;
         for s in &self.shards {
             let _ = s.tx.send(Command::TlsConfig(cfg.clone()));
             s.waker.wake();
@@ -422,6 +525,26 @@ impl Running {
         Ok(())
     }
 
+    /// Sets the device connection limit (0 = unlimited) for this run. Devices already
+    /// connected stay; new sessions are checked against the new limit.
+    pub fn set_device_limit(&self, max_devices: u64) {
+        let old = self
+            .shared
+            .onboarding
+            .max_devices
+            .swap(max_devices, Ordering::Relaxed);
+        tracing::info!(
+            "device connection limit {} → {}",
+            limit_label(old),
+            limit_label(max_devices)
+        );
+    }
+
+    /// Registration and session figures.
+    pub fn onboarding(&self) -> &metrics::Onboarding {
+        &self.shared.onboarding
+    }
+
     /// True when the keystore file changed since it was last loaded.
     pub fn keystore_changed(&self) -> bool {
         let now = file_stamp(&self.keystore_path);
@@ -435,6 +558,7 @@ impl Running {
         crate::admin::serve_pending(listener, |req| match req {
             crate::admin::Request::Status => {
                 let stats = &self.shared.stats;
+                let ob = &self.shared.onboarding;
                 crate::admin::Response {
                     ok: true,
                     status: Some(self.health().as_str().into()),
@@ -443,7 +567,40 @@ impl Running {
                     connections: Some(metrics::total(stats, |s| &s.connections)),
                     devices: Some(metrics::total(stats, |s| &s.devices)),
                     management: Some(metrics::total(stats, |s| &s.management)),
+                    device_sessions: Some(ob.sessions_open.load(Ordering::Relaxed)),
+                    max_devices: Some(ob.max_devices.load(Ordering::Relaxed)),
+                    registrations: Some(ob.granted()),
+                    registrations_refused: Some(ob.registrations_refused()),
+                    limit_rejections: Some(ob.limit_rejections()),
+                    rss_bytes: crate::sys::rss_bytes(),
                     ..Default::default()
+                }
+            }
+            crate::admin::Request::Refresh => {
+                let _ = self.jobs.send(Job::Refresh);
+                crate::admin::Response {
+                    ok: true,
+                    ..Default::default()
+                }
+            }
+            crate::admin::Request::SetLimit { max_devices } => {
+                self.set_device_limit(max_devices);
+                crate::admin::Response {
+                    ok: true,
+                    max_devices: Some(max_devices),
+                    ..Default::default()
+                }
+            }
+            crate::admin::Request::Sessions => {
+                let (tx, rx) = mpsc::channel();
+                let _ = self.jobs.send(Job::Sessions(tx));
+                match rx.recv_timeout(Duration::from_secs(5)) {
+                    Ok(list) => crate::admin::Response {
+                        ok: true,
+                        sessions: Some(list),
+                        ..Default::default()
+                    },
+                    Err(_) => crate::admin::Response::failed("the registrar did not answer"),
                 }
             }
             crate::admin::Request::Reload => match self.reload_keystore() {
@@ -470,8 +627,15 @@ impl Running {
             let _ = s.tx.send(Command::Shutdown { drain });
             s.waker.wake();
         }
-        for s in self.shards {
+        for s in std::mem::take(&mut self.shards) {
             let _ = s.thread.join();
+        }
+        // The shards are gone; drop the last senders so the registrar flushes and ends.
+        let (dead, _) = mpsc::channel();
+        self.jobs = dead.clone();
+        self.shared.jobs = dead;
+        if let Some(r) = self.registrar.take() {
+            let _ = r.join();
         }
     }
 
@@ -513,6 +677,14 @@ impl Running {
         self.shutdown();
         tracing::info!("stopped in {:.0} ms", t.elapsed().as_secs_f64() * 1000.0);
         Ok(())
+    }
+}
+
+fn limit_label(n: u64) -> String {
+    if n == 0 {
+        "unlimited".into()
+    } else {
+        n.to_string()
     }
 }
 

@@ -18,6 +18,8 @@ use rustls::server::{NoServerSessionStorage, ServerConfig, UnbufferedServerConne
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
 use rustls::{CipherSuite, ProtocolVersion, SupportedCipherSuite};
 
+use rustls_pki_types::CertificateDer;
+
 use crate::config::{TlsConfig, TlsVersion};
 use crate::pki::Keystore;
 
@@ -38,8 +40,33 @@ pub enum TlsError {
 /// Builds the server configuration: protocol range from config, AES-128-GCM preferred
 /// (measurably cheaper per handshake and per byte here than AES-256), stateless session
 /// tickets for resumption, ALPN `http/1.1`.
-pub fn server_config(keystore: &Keystore, cfg: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+///
+/// With `device_ca`, every handshake asks for a client certificate issued by that CA (the
+/// device credential) but also accepts none: a device without a credential registers, one
+/// with a credential is authenticated by the handshake itself (chain, validity, clientAuth).
+/// A certificate from any other issuer fails the handshake.
+pub fn server_config(
+    keystore: &Keystore,
+    cfg: &TlsConfig,
+    device_ca: Option<&CertificateDer<'static>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(provider());
+    let client_auth: Arc<dyn rustls::server::danger::ClientCertVerifier> = match device_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(ca.clone())
+                .map_err(|e| TlsError::Config(format!("device CA: {e}")))?;
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Config(format!("device CA verifier: {e}")))?
+        }
+        None => rustls::server::WebPkiClientVerifier::no_client_auth(),
+    };
     let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
     if cfg.min_version <= TlsVersion::Tls13 && cfg.max_version >= TlsVersion::Tls13 {
         versions.push(&rustls::version::TLS13);
@@ -50,7 +77,7 @@ pub fn server_config(keystore: &Keystore, cfg: &TlsConfig) -> Result<Arc<ServerC
     let mut sc = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&versions)
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_auth)
         .with_single_cert(keystore.chain.clone(), keystore.key.clone_key())
         .map_err(|e| TlsError::Config(format!("keystore certificate/key: {e}")))?;
     sc.ignore_client_order = true;
@@ -137,6 +164,11 @@ impl TlsSession {
         self.established
     }
 
+    /// The client certificate the peer presented (already verified by the handshake), if any.
+    pub fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
+        self.conn.peer_certificates()?.first()
+    }
+
     /// Bytes held for an incomplete record.
     pub fn partial_len(&self) -> usize {
         self.partial.as_ref().map_or(0, Vec::len)
@@ -162,7 +194,7 @@ impl TlsSession {
         out: &mut Vec<u8>,
         staged_out: &mut Vec<u8>,
         scratch: &mut Vec<u8>,
-        mut on_plaintext: impl FnMut(&mut [u8], &mut Vec<u8>),
+        mut on_plaintext: impl FnMut(&mut [u8], &mut Vec<u8>, Option<&CertificateDer<'static>>),
     ) -> Result<Progress, TlsError> {
         let mut progress = Progress::default();
         match self.partial.take() {
@@ -205,7 +237,7 @@ impl TlsSession {
         out: &mut Vec<u8>,
         staged_out: &mut Vec<u8>,
         scratch: &mut Vec<u8>,
-        on_plaintext: &mut impl FnMut(&mut [u8], &mut Vec<u8>),
+        on_plaintext: &mut impl FnMut(&mut [u8], &mut Vec<u8>, Option<&CertificateDer<'static>>),
         progress: &mut Progress,
     ) -> Result<usize, TlsError> {
         let mut start = 0;
@@ -258,7 +290,8 @@ impl TlsSession {
             }
             start += discard;
             if !scratch.is_empty() {
-                on_plaintext(&mut scratch[..], staged_out);
+                let peer = self.conn.peer_certificates().and_then(|c| c.first());
+                on_plaintext(&mut scratch[..], staged_out, peer);
                 scratch.clear();
                 continue;
             }

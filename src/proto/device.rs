@@ -18,7 +18,9 @@ pub const MAX_REGISTER_MESSAGE: usize = 8 * 1024;
 /// WebSocket close code after a refusal that will not change by retrying soon (policy).
 pub const CLOSE_REFUSED: u16 = 1008;
 /// WebSocket close code after a refusal the device should retry later (`retry_after_ms`).
-pub const CLOSE_TRY_LATER: u16 = 1013;
+/// From the private-use range (it mirrors 1013 "try again later", which RFC 6455 did not
+/// register and strict WebSocket libraries refuse).
+pub const CLOSE_TRY_LATER: u16 = 4013;
 /// WebSocket close code after a completed registration (reconnect with the credential).
 pub const CLOSE_REGISTERED: u16 = 1000;
 

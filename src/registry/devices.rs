@@ -344,4 +344,31 @@ impl Registry {
         )?;
         Ok(n.max(0) as u64)
     }
+
+    /// Every revoked credential (removed or superseded) that is not yet past its `not_after`:
+    /// the gateway's in-memory revocation list. (An expired certificate fails the TLS
+    /// handshake anyway, so it need not be listed.) One scan of `devices`.
+    pub fn revoked_credentials(
+        &self,
+        now: UnixTime,
+    ) -> Result<Vec<(Fingerprint, String, String)>, RegistryError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT fingerprint, unit_id, coalesce(revoked_reason, 'removed') FROM devices
+             WHERE revoked_at IS NOT NULL AND not_after >= ?1",
+        )?;
+        let rows = stmt
+            .query_map([now], |r| {
+                Ok((fingerprint_of(r.get(0)?, 0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// SQLite's `PRAGMA data_version`: changes whenever *another* connection (a CLI command)
+    /// commits to the database. Cheap; the gateway polls it to notice removals.
+    pub fn data_version(&self) -> Result<i64, RegistryError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
 }

@@ -12,12 +12,19 @@
 //! close code), or drop the connection when nothing useful can be said (TLS errors, timeouts
 //! before the handshake).
 
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 
+use rustls_pki_types::CertificateDer;
+use sha2::{Digest as _, Sha256};
+
 use crate::buf::VecPool;
-use crate::metrics::{ErrorKind, ShardStats};
+use crate::control::{Kick, RegisterOutcome, Revocations};
+use crate::metrics::{ErrorKind, Onboarding, ShardStats};
+use crate::proto::device::{self as dev, Message as DevMessage};
 use crate::proto::http::{self, HttpLimits, Method, Parsed, RequestHead};
-use crate::proto::ws::{self, CloseCode, DataKind, Decoder, OpCode, Role, WsLimits};
+use crate::proto::ws::{self, CloseCode, DataKind, Decoder, OpCode, Role as WsRole, WsLimits};
+use crate::registry::Reason;
 use crate::status::StatusCell;
 use crate::tls::TlsSession;
 
@@ -68,6 +75,10 @@ pub struct Settings {
     pub enable_echo: bool,
     /// Output bytes queued per connection above which reading pauses.
     pub max_queued_output: usize,
+    /// How long a device in register mode has to send `register`.
+    pub registration_timeout_ms: u64,
+    /// Base of the retry hint for devices refused by the connection limit (ms).
+    pub limit_retry_after_ms: u64,
 }
 
 impl Settings {
@@ -90,6 +101,8 @@ impl Settings {
             max_requests: c.http.max_requests_per_connection,
             enable_echo: c.server.enable_echo,
             max_queued_output: c.limits.max_queued_output,
+            registration_timeout_ms: c.registration.timeout_ms,
+            limit_retry_after_ms: c.limits.limit_retry_after_secs * 1000,
         }
     }
 }
@@ -114,6 +127,48 @@ pub struct Cx<'a> {
     pub staged: &'a mut Vec<u8>,
     /// Output buffers.
     pub pool: &'a mut VecPool,
+    /// Registration and session figures, the device limit.
+    pub onboarding: &'a Onboarding,
+    /// Credentials that must not open a session.
+    pub revocations: &'a Revocations,
+}
+
+/// An authenticated device session (kept on the connection until it closes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSession {
+    /// SHA-256 of the device certificate.
+    pub fingerprint: [u8; 32],
+    /// The unit ID (certificate CN).
+    pub unit_id: Box<str>,
+}
+
+/// Something the connection needs the shard (or the registrar) to do.
+#[derive(Debug)]
+pub enum Request {
+    /// Decide this registration (send it to the registrar).
+    Register(Box<dev::Register>),
+    /// A session was admitted: index it, tell the registrar.
+    SessionUp,
+    /// A session was refused (audit).
+    SessionRefused {
+        /// Certificate CN.
+        unit_id: Box<str>,
+        /// Why.
+        reason: Reason,
+    },
+}
+
+/// What an open WebSocket is for.
+#[derive(Debug)]
+enum Role {
+    Echo,
+    Management,
+    /// Register mode: collecting the `register` message (`msg`), then waiting for the registrar.
+    Registering { msg: Vec<u8>, waiting: bool },
+    /// Session mode: an authenticated device.
+    Device,
+    /// Refused or answered: only the close handshake remains.
+    Done,
 }
 
 /// What the shard should do with the connection after an input.
@@ -129,7 +184,7 @@ pub enum After {
 
 #[derive(Debug)]
 struct Open {
-    endpoint: Endpoint,
+    role: Role,
     decoder: Decoder,
     pinged: bool,
 }
@@ -168,6 +223,12 @@ pub struct Conn {
     counted: Option<Endpoint>,
     /// Ask TLS to append close_notify after the current output.
     want_close_notify: bool,
+    /// The peer's address (for the registrar: rate limits, audit).
+    pub peer: Option<IpAddr>,
+    /// The authenticated device session, once admitted (until the connection is gone).
+    session: Option<Box<DeviceSession>>,
+    /// Work for the shard (taken after each input).
+    request: Option<Request>,
 }
 
 impl Conn {
@@ -186,7 +247,25 @@ impl Conn {
             hint_tick: u64::MAX,
             counted: None,
             want_close_notify: false,
+            peer: None,
+            session: None,
+            request: None,
         }
+    }
+
+    /// The device session this connection carries, if admitted.
+    pub fn session(&self) -> Option<&DeviceSession> {
+        self.session.as_deref()
+    }
+
+    /// Work the last input produced for the shard.
+    pub fn take_request(&mut self) -> Option<Request> {
+        self.request.take()
+    }
+
+    /// Still in the TLS handshake (for accept pacing).
+    pub fn is_handshaking(&self) -> bool {
+        matches!(self.phase, Phase::Handshake)
     }
 
     /// What the shard should do now.
@@ -226,6 +305,8 @@ impl Conn {
             since_ms,
             counted,
             want_close_notify,
+            session,
+            request,
             ..
         } = self;
         let was_established = tls.is_established();
@@ -236,19 +317,23 @@ impl Conn {
             since_ms,
             counted,
             want_close_notify,
+            session,
+            request,
             now,
             settings: cx.settings,
             stats: cx.stats,
             all_stats: cx.all_stats,
             status: cx.status,
             driver: cx.driver,
+            onboarding: cx.onboarding,
+            revocations: cx.revocations,
         };
         let res = tls.receive(
             input,
             &mut self.out,
             cx.staged,
             cx.scratch,
-            |plain, staged| st.plaintext(plain, staged),
+            |plain, staged, peer_cert| st.plaintext(plain, staged, peer_cert),
         );
         cx.staged.clear();
         match res {
@@ -315,6 +400,80 @@ impl Conn {
         cx.staged.clear();
     }
 
+    /// The registrar decided this connection's registration.
+    pub fn on_registered(&mut self, outcome: RegisterOutcome, cx: &mut Cx<'_>) -> After {
+        let waiting = matches!(
+            &self.phase,
+            Phase::Open(Open {
+                role: Role::Registering { waiting: true, .. },
+                ..
+            })
+        );
+        if !waiting || self.after != After::Continue {
+            return self.after;
+        }
+        let (msg, code, reason) = match outcome {
+            RegisterOutcome::Granted {
+                unit_id,
+                certificate,
+                device_ca,
+            } => (
+                DevMessage::Registered(dev::Registered {
+                    reason: Reason::Granted.as_str().into(),
+                    unit_id,
+                    certificate,
+                    device_ca: device_ca.to_string(),
+                }),
+                dev::CLOSE_REGISTERED,
+                "registered",
+            ),
+            RegisterOutcome::Refused {
+                reason,
+                retry_after_ms,
+            } => (
+                refused_message(reason, retry_after_ms, false),
+                close_code_for(retry_after_ms),
+                "refused",
+            ),
+        };
+        write_message(cx.staged, &msg);
+        let _ = ws::encode_close(cx.staged, Some((code, reason)), None);
+        self.send_plain(cx);
+        self.begin_closing(cx.now_ms);
+        self.finish_output(cx);
+        self.after
+    }
+
+    /// Closes the device session if it holds the kicked credential.
+    pub fn kick(&mut self, kick: &Kick, cx: &mut Cx<'_>) -> After {
+        let holds = self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.fingerprint == kick.fingerprint);
+        if !holds || !matches!(self.phase, Phase::Open(_)) || self.after != After::Continue {
+            return self.after;
+        }
+        cx.onboarding.session_refused(kick.reason);
+        write_message(
+            cx.staged,
+            &refused_message(kick.reason, None, kick.drop_settings),
+        );
+        let _ = ws::encode_close(cx.staged, Some((dev::CLOSE_REFUSED, "refused")), None);
+        self.send_plain(cx);
+        self.begin_closing(cx.now_ms);
+        self.finish_output(cx);
+        self.after
+    }
+
+    /// Open → Closing (we sent our close frame; waiting for the peer's).
+    fn begin_closing(&mut self, now: u64) {
+        if let Phase::Open(mut o) = std::mem::replace(&mut self.phase, Phase::Draining) {
+            o.role = Role::Done;
+            self.phase = Phase::Closing(o);
+            self.since_ms = now;
+        }
+    }
+
     /// The peer closed its side of TCP.
     pub fn on_eof(&mut self) -> After {
         if self.after == After::Continue || matches!(self.phase, Phase::Closing(_)) {
@@ -331,12 +490,18 @@ impl Conn {
             Phase::Handshake => self.since_ms + s.handshake_timeout_ms,
             Phase::ExpectRequest { .. } => self.since_ms + s.head_timeout_ms,
             Phase::Open(o) => {
-                self.last_rx_ms
+                let keep_alive = self.last_rx_ms
                     + if o.pinged {
                         s.idle_timeout_ms
                     } else {
                         s.ping_after_ms
+                    };
+                match o.role {
+                    Role::Registering { waiting: false, .. } => {
+                        keep_alive.min(self.since_ms + s.registration_timeout_ms)
                     }
+                    _ => keep_alive,
+                }
             }
             Phase::Closing(_) | Phase::Draining => self.since_ms + s.close_timeout_ms,
         }
@@ -365,6 +530,19 @@ impl Conn {
                 self.phase = Phase::Draining;
                 self.since_ms = cx.now_ms;
                 self.after = After::CloseAfterFlush;
+            }
+            Phase::Open(Open {
+                role: Role::Registering { waiting: false, .. },
+                ..
+            }) if cx.now_ms >= self.since_ms + s.registration_timeout_ms => {
+                cx.stats.error(ErrorKind::IdleTimeout);
+                let _ = ws::encode_close(
+                    cx.staged,
+                    Some((dev::CLOSE_REFUSED, "registration timeout")),
+                    None,
+                );
+                self.send_plain(cx);
+                self.begin_closing(cx.now_ms);
             }
             Phase::Open(o) => {
                 if o.pinged || cx.now_ms >= self.last_rx_ms + s.idle_timeout_ms {
@@ -429,16 +607,25 @@ struct Handler<'a> {
     since_ms: &'a mut u64,
     counted: &'a mut Option<Endpoint>,
     want_close_notify: &'a mut bool,
+    session: &'a mut Option<Box<DeviceSession>>,
+    request: &'a mut Option<Request>,
     now: u64,
     settings: &'a Settings,
     stats: &'a ShardStats,
     all_stats: &'a [ShardStats],
     status: &'a StatusCell,
     driver: &'static str,
+    onboarding: &'a Onboarding,
+    revocations: &'a Revocations,
 }
 
 impl Handler<'_> {
-    fn plaintext(&mut self, mut data: &mut [u8], staged: &mut Vec<u8>) {
+    fn plaintext(
+        &mut self,
+        mut data: &mut [u8],
+        staged: &mut Vec<u8>,
+        peer_cert: Option<&CertificateDer<'static>>,
+    ) {
         loop {
             if data.is_empty() {
                 return;
@@ -492,11 +679,11 @@ impl Handler<'_> {
                             } else {
                                 data = &mut data[consumed..];
                             }
-                            self.request(&req, served, staged);
+                            self.request(&req, served, staged, peer_cert);
                             if rest.is_empty() {
                                 continue;
                             }
-                            self.plaintext(&mut rest, staged);
+                            self.plaintext(&mut rest, staged, peer_cert);
                             return;
                         }
                         Err(e) => {
@@ -531,7 +718,13 @@ impl Handler<'_> {
     }
 
     /// Answers one request (or upgrades).
-    fn request(&mut self, req: &RequestHead, served: u32, staged: &mut Vec<u8>) {
+    fn request(
+        &mut self,
+        req: &RequestHead,
+        served: u32,
+        staged: &mut Vec<u8>,
+        peer_cert: Option<&CertificateDer<'static>>,
+    ) {
         let keep_alive =
             req.keep_alive() && !req.has_body() && served + 1 < self.settings.max_requests;
         let endpoint = match req.path.as_str() {
@@ -546,14 +739,25 @@ impl Handler<'_> {
                     let proto = http::negotiate_subprotocol(up.protocols, SUBPROTOCOLS);
                     http::write_switching_protocols(staged, &up.accept, proto);
                     ShardStats::inc(&self.stats.upgrades);
-                    let gauge = gauge(self.stats, endpoint);
-                    ShardStats::inc(gauge);
-                    *self.counted = Some(endpoint);
-                    *self.phase = Phase::Open(Open {
-                        endpoint,
-                        decoder: Decoder::new(Role::Server, self.settings.ws),
+                    let role = match endpoint {
+                        Endpoint::Echo => Role::Echo,
+                        Endpoint::Management => Role::Management,
+                        Endpoint::Device => self.admit_device(staged, peer_cert),
+                    };
+                    if !matches!(role, Role::Done | Role::Registering { .. }) {
+                        ShardStats::inc(gauge(self.stats, endpoint));
+                        *self.counted = Some(endpoint);
+                    }
+                    let open = Open {
+                        role,
+                        decoder: Decoder::new(WsRole::Server, self.settings.ws),
                         pinged: false,
-                    });
+                    };
+                    *self.phase = if matches!(open.role, Role::Done) {
+                        Phase::Closing(open)
+                    } else {
+                        Phase::Open(open)
+                    };
                     *self.since_ms = self.now;
                 }
                 Err(e) => {
@@ -584,13 +788,16 @@ impl Handler<'_> {
                 (METRICS_PATH, Method::Get | Method::Head) => (
                     200,
                     "text/plain; version=0.0.4",
-                    crate::metrics::render(
-                        self.all_stats,
-                        self.status.get(),
-                        self.driver,
-                        crate::sys::rss_bytes(),
-                    )
-                    .into(),
+                    {
+                        let mut text = crate::metrics::render(
+                            self.all_stats,
+                            self.status.get(),
+                            self.driver,
+                            crate::sys::rss_bytes(),
+                        );
+                        self.onboarding.render_into(&mut text);
+                        text.into()
+                    },
                     &[],
                 ),
                 (STATUS_PATH | METRICS_PATH, _) => (
@@ -634,6 +841,89 @@ impl Handler<'_> {
         }
     }
 
+    /// Decides what a device upgrade is (the 101 is already staged): a session when the
+    /// handshake carried a device certificate that is not revoked and the limit allows it,
+    /// register mode when it carried none. Stages `hello` or `refused` + close.
+    fn admit_device(
+        &mut self,
+        staged: &mut Vec<u8>,
+        peer_cert: Option<&CertificateDer<'static>>,
+    ) -> Role {
+        let Some(cert) = peer_cert else {
+            write_message(
+                staged,
+                &DevMessage::Hello(dev::Hello {
+                    protocol: dev::PROTOCOL_VERSION,
+                    mode: dev::Mode::Register,
+                    gateway: dev::gateway_name(),
+                    unit_id: None,
+                }),
+            );
+            return Role::Registering {
+                msg: Vec::new(),
+                waiting: false,
+            };
+        };
+        let fingerprint: [u8; 32] = Sha256::digest(cert.as_ref()).into();
+        let unit_id: Box<str> = common_name(cert).unwrap_or_else(|| "?".into());
+        let refusal = if let Some(superseded) = self.revocations.reason(&fingerprint) {
+            Some((
+                if superseded {
+                    Reason::CredentialSuperseded
+                } else {
+                    Reason::CredentialRevoked
+                },
+                None,
+            ))
+        } else if !self.onboarding.try_open_session() {
+            tracing::warn!("Max connections limit has exceeded. Device [{unit_id}] is rejected");
+            let base = self.settings.limit_retry_after_ms.max(2);
+            let jitter = getrandom::u64().unwrap_or(0) % base;
+            Some((Reason::LimitReached, Some(base / 2 + jitter)))
+        } else {
+            None
+        };
+        if let Some((reason, retry)) = refusal {
+            self.onboarding.session_refused(reason);
+            write_message(
+                staged,
+                &refused_message(reason, retry, reason == Reason::CredentialRevoked),
+            );
+            let _ = ws::encode_close(staged, Some((close_code_for(retry), "refused")), None);
+            if reason != Reason::LimitReached {
+                *self.request = Some(Request::SessionRefused { unit_id, reason });
+            }
+            return Role::Done;
+        }
+        write_message(
+            staged,
+            &DevMessage::Hello(dev::Hello {
+                protocol: dev::PROTOCOL_VERSION,
+                mode: dev::Mode::Session,
+                gateway: dev::gateway_name(),
+                unit_id: Some(unit_id.to_string()),
+            }),
+        );
+        *self.session = Some(Box::new(DeviceSession {
+            fingerprint,
+            unit_id,
+        }));
+        *self.request = Some(Request::SessionUp);
+        Role::Device
+    }
+
+    /// Register mode: the device sent something that is not a valid `register`.
+    fn refuse_registration(&mut self, staged: &mut Vec<u8>) {
+        self.onboarding.registration(Reason::BadRequest);
+        write_message(staged, &refused_message(Reason::BadRequest, None, false));
+        let _ = ws::encode_close(staged, Some((dev::CLOSE_REFUSED, "refused")), None);
+        if let Phase::Open(mut o) = std::mem::replace(self.phase, Phase::Draining) {
+            o.role = Role::Done;
+            *self.phase = Phase::Closing(o);
+            *self.since_ms = self.now;
+        }
+    }
+
     /// Runs the WebSocket decoder over `data`.
     fn websocket(&mut self, data: &mut [u8], staged: &mut Vec<u8>) {
         let mut pos = 0;
@@ -643,7 +933,7 @@ impl Handler<'_> {
                 Phase::Closing(o) => (true, o),
                 _ => return,
             };
-            let endpoint = open.endpoint;
+            let echo = matches!(open.role, Role::Echo);
             open.pinged = false;
             let res = open.decoder.decode(&mut data[pos..]);
             let (used, event) = match res {
@@ -676,7 +966,20 @@ impl Handler<'_> {
                     if last {
                         ShardStats::inc(&self.stats.ws_messages_in);
                     }
-                    if endpoint == Endpoint::Echo && !closing {
+                    if let (Role::Registering { msg, waiting }, false) = (&mut open.role, closing) {
+                        match register_piece(msg, *waiting, kind, payload, last) {
+                            Piece::More => {}
+                            Piece::Done(r) => {
+                                *waiting = true;
+                                *self.request = Some(Request::Register(r));
+                            }
+                            Piece::Bad => {
+                                self.refuse_registration(staged);
+                                return;
+                            }
+                        }
+                    }
+                    if echo && !closing {
                         let opcode = match (first, kind) {
                             (false, _) => OpCode::Continuation,
                             (true, DataKind::Text) => OpCode::Text,
@@ -726,4 +1029,65 @@ pub fn uncount(stats: &ShardStats, e: Option<Endpoint>) {
     if let Some(e) = e {
         ShardStats::dec(gauge(stats, e));
     }
+}
+
+/// What a data piece in register mode amounts to.
+enum Piece {
+    More,
+    Done(Box<dev::Register>),
+    Bad,
+}
+
+/// Adds a piece of the `register` message; parses it when complete.
+fn register_piece(
+    msg: &mut Vec<u8>,
+    waiting: bool,
+    kind: DataKind,
+    payload: &[u8],
+    last: bool,
+) -> Piece {
+    if waiting || kind != DataKind::Text || msg.len() + payload.len() > dev::MAX_REGISTER_MESSAGE {
+        *msg = Vec::new();
+        return Piece::Bad;
+    }
+    msg.extend_from_slice(payload);
+    if !last {
+        return Piece::More;
+    }
+    let parsed = DevMessage::from_json(msg);
+    *msg = Vec::new();
+    match parsed {
+        Ok(DevMessage::Register(r)) => Piece::Done(Box::new(r)),
+        _ => Piece::Bad,
+    }
+}
+
+/// Stages one device-protocol message as a text frame.
+fn write_message(staged: &mut Vec<u8>, m: &DevMessage) {
+    let _ = ws::encode_frame(staged, true, OpCode::Text, None, m.to_json().as_bytes());
+}
+
+fn refused_message(reason: Reason, retry_after_ms: Option<u64>, drop_settings: bool) -> DevMessage {
+    DevMessage::Refused(dev::Refused {
+        reason: reason.as_str().into(),
+        message: reason.message().into(),
+        retry_after_ms,
+        drop_settings,
+    })
+}
+
+/// 1013 (try again later) for refusals with a retry hint, else 1008.
+fn close_code_for(retry_after_ms: Option<u64>) -> u16 {
+    if retry_after_ms.is_some() {
+        dev::CLOSE_TRY_LATER
+    } else {
+        dev::CLOSE_REFUSED
+    }
+}
+
+/// The subject common name of a (handshake-verified) certificate.
+fn common_name(cert: &CertificateDer<'_>) -> Option<Box<str>> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = c.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.into())
 }

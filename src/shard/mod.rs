@@ -9,19 +9,21 @@
 pub mod conn;
 pub mod timer;
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use rustls::ServerConfig;
 use slab::Slab;
 
 use crate::buf::VecPool;
+use crate::control::{Job, Kick, RegisterOutcome, Revocations};
 use crate::driver::{ConnKey, Driver, Event};
-use crate::metrics::{ErrorKind, ShardStats};
+use crate::metrics::{ErrorKind, Onboarding, ShardStats};
 use crate::status::StatusCell;
 use crate::tls::TlsSession;
-use conn::{After, Conn, Cx, Settings};
+use conn::{After, Conn, Cx, Request, Settings};
 use timer::TimerWheel;
 
 /// Messages from the control thread to a shard.
@@ -36,6 +38,20 @@ pub enum Command {
         /// Longest wait for peers to answer the close.
         drain: Duration,
     },
+    /// The registrar's answer to a registration.
+    Registered {
+        /// The connection that asked.
+        conn: ConnKey,
+        /// The answer.
+        outcome: RegisterOutcome,
+    },
+    /// A new revocation list, and the sessions to close now.
+    Revocations {
+        /// The list for new sessions.
+        set: Arc<Revocations>,
+        /// Open sessions to close (if this shard holds them).
+        kicks: Arc<[Kick]>,
+    },
 }
 
 /// What a shard shares with the rest of the process.
@@ -45,6 +61,10 @@ pub struct Shared {
     pub stats: Arc<[ShardStats]>,
     /// The cached health.
     pub status: Arc<StatusCell>,
+    /// Registration and session figures, the device connection limit.
+    pub onboarding: Arc<Onboarding>,
+    /// The registrar's inbox.
+    pub jobs: Sender<Job>,
 }
 
 /// A shard's state. Generic over the backend so both compile to direct calls.
@@ -67,6 +87,16 @@ pub struct Shard<D: Driver> {
     drain_until: Option<u64>,
     /// Accept errors so far (logged at powers of two, so a storm does not flood the log).
     accept_errors: u64,
+    /// Credentials that must not open a session.
+    revocations: Arc<Revocations>,
+    /// Open device sessions of this shard by credential fingerprint.
+    sessions: HashMap<[u8; 32], ConnKey>,
+    /// Connections still in the TLS handshake.
+    handshaking: usize,
+    /// Handshakes in progress above which accepting pauses.
+    max_handshaking: usize,
+    /// Accepting is paused because of `max_handshaking`.
+    paced: bool,
 }
 
 impl<D: Driver> std::fmt::Debug for Shard<D> {
@@ -89,6 +119,8 @@ impl<D: Driver> Shard<D> {
         tls_config: Arc<ServerConfig>,
         shared: Shared,
         commands: Receiver<Command>,
+        revocations: Arc<Revocations>,
+        max_handshaking: usize,
     ) -> Self {
         Self {
             id,
@@ -108,6 +140,11 @@ impl<D: Driver> Shard<D> {
             epoch: Instant::now(),
             drain_until: None,
             accept_errors: 0,
+            revocations,
+            sessions: HashMap::new(),
+            handshaking: 0,
+            max_handshaking: max_handshaking.max(1),
+            paced: false,
         }
     }
 
@@ -202,6 +239,7 @@ impl<D: Driver> Shard<D> {
                     staged,
                     pool,
                     id,
+                    revocations,
                     ..
                 } = self;
                 let name = driver.name();
@@ -216,9 +254,18 @@ impl<D: Driver> Shard<D> {
                     scratch,
                     staged,
                     pool,
+                    onboarding: &shared.onboarding,
+                    revocations,
                 };
-                conns[key.slot as usize].on_data(input, &mut cx);
+                let conn = &mut conns[key.slot as usize];
+                let was_handshaking = conn.is_handshaking();
+                conn.on_data(input, &mut cx);
+                let done_handshaking = was_handshaking && !conn.is_handshaking();
                 self.driver.recycle(buf);
+                if done_handshaking {
+                    self.handshake_ended();
+                }
+                self.take_request(key.slot as usize);
                 self.act(key.slot as usize);
             }
             Event::Eof { key } => {
@@ -256,13 +303,27 @@ impl<D: Driver> Shard<D> {
                     self.generations[slot] =
                         (self.generations[slot] + 1) & ConnKey::GENERATION_MASK;
                     conn::uncount(self.stats(), conn.endpoint());
+                    if conn.is_handshaking() {
+                        self.handshake_ended();
+                    }
+                    if let Some(s) = conn.session() {
+                        if self.sessions.get(&s.fingerprint) == Some(&key) {
+                            self.sessions.remove(&s.fingerprint);
+                        }
+                        self.shared.onboarding.close_session();
+                        let _ = self.shared.jobs.send(Job::SessionDown {
+                            fingerprint: crate::pki::Fingerprint(s.fingerprint),
+                        });
+                    }
                     ShardStats::dec(&self.stats().connections);
                     if let Some(b) = (conn.out.capacity() > 0).then_some(conn.out) {
                         self.pool.give(b);
                     }
                     if !self.accepting && self.drain_until.is_none() {
                         self.accepting = true;
-                        self.driver.set_accepting(true);
+                        if !self.paced {
+                            self.driver.set_accepting(true);
+                        }
                     }
                 }
             }
@@ -291,7 +352,9 @@ impl<D: Driver> Shard<D> {
             }
         };
         let now = self.now_ms();
-        let slot = self.conns.insert(Conn::new(tls, now));
+        let mut conn = Conn::new(tls, now);
+        conn.peer = peer.map(|p| p.ip());
+        let slot = self.conns.insert(conn);
         if self.generations.len() <= slot {
             self.generations.resize(slot + 1, 0);
         }
@@ -303,6 +366,15 @@ impl<D: Driver> Shard<D> {
         }
         ShardStats::inc(&self.stats().accepted);
         ShardStats::inc(&self.stats().connections);
+        self.handshaking += 1;
+        if self.handshaking >= self.max_handshaking && !self.paced {
+            // Pace a storm: let the handshakes under way finish before taking more; the
+            // waiting clients stay in the listen queue.
+            self.paced = true;
+            if self.accepting {
+                self.driver.set_accepting(false);
+            }
+        }
         tracing::trace!(shard = self.id, ?peer, slot, "accepted");
         self.act(slot);
         if self.conns.len() >= self.max_conns {
@@ -343,6 +415,7 @@ impl<D: Driver> Shard<D> {
             staged,
             pool,
             id,
+            revocations,
             ..
         } = self;
         let mut cx = Cx {
@@ -355,8 +428,57 @@ impl<D: Driver> Shard<D> {
             scratch,
             staged,
             pool,
+            onboarding: &shared.onboarding,
+            revocations,
         };
         f(&mut conns[slot], &mut cx);
+    }
+
+    /// A connection left the TLS handshake (done or closed): resume paced accepts.
+    fn handshake_ended(&mut self) {
+        self.handshaking = self.handshaking.saturating_sub(1);
+        if self.paced && self.handshaking < self.max_handshaking * 3 / 4 + 1 {
+            self.paced = false;
+            if self.accepting && self.drain_until.is_none() {
+                self.driver.set_accepting(true);
+            }
+        }
+    }
+
+    /// Passes what the connection asked for to the registrar, and indexes new sessions.
+    fn take_request(&mut self, slot: usize) {
+        let key = self.key(slot);
+        let c = &mut self.conns[slot];
+        let Some(req) = c.take_request() else { return };
+        let source = c.peer;
+        let job = match req {
+            Request::Register(msg) => Job::Register {
+                shard: self.id,
+                conn: key,
+                source,
+                msg,
+            },
+            Request::SessionUp => {
+                let Some(s) = c.session() else { return };
+                let fp = s.fingerprint;
+                let job = Job::SessionUp {
+                    shard: self.id,
+                    fingerprint: crate::pki::Fingerprint(fp),
+                    unit_id: s.unit_id.clone(),
+                    source,
+                    at: crate::registry::unix_now(),
+                };
+                tracing::debug!(shard = self.id, unit = %s.unit_id, "device session open");
+                self.sessions.insert(fp, key);
+                job
+            }
+            Request::SessionRefused { unit_id, reason } => Job::SessionRefused {
+                unit_id,
+                source,
+                reason,
+            },
+        };
+        let _ = self.shared.jobs.send(job);
     }
 
     fn abort(&mut self, slot: usize) {
@@ -416,6 +538,34 @@ impl<D: Driver> Shard<D> {
                     self.tls_config = cfg;
                 }
                 Ok(Command::Shutdown { drain }) => self.begin_shutdown(drain),
+                Ok(Command::Registered { conn, outcome }) => {
+                    if self.live(conn) && !self.conns[conn.slot as usize].closing {
+                        let now = self.now_ms();
+                        let slot = conn.slot as usize;
+                        self.with_cx(now, slot, |c, cx| {
+                            c.on_registered(outcome, cx);
+                        });
+                        self.act(slot);
+                    }
+                }
+                Ok(Command::Revocations { set, kicks }) => {
+                    self.revocations = set;
+                    let now = self.now_ms();
+                    for k in kicks.iter() {
+                        let Some(&key) = self.sessions.get(&k.fingerprint) else {
+                            continue;
+                        };
+                        if !self.live(key) || self.conns[key.slot as usize].closing {
+                            continue;
+                        }
+                        let slot = key.slot as usize;
+                        tracing::info!(shard = self.id, reason = %k.reason, "closing a device session");
+                        self.with_cx(now, slot, |c, cx| {
+                            c.kick(k, cx);
+                        });
+                        self.act(slot);
+                    }
+                }
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
                     // The control thread is gone: shut down.

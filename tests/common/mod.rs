@@ -2,6 +2,8 @@
 //! data dir and an ephemeral port, and talk to it over real TLS.
 #![allow(dead_code)]
 
+pub mod device;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -179,6 +181,19 @@ pub fn client_config_for(
             .with_root_certificates(roots)
             .with_no_client_auth(),
     )
+}
+
+/// A TLS stream, or the handshake's error (refused client certificate, …).
+pub fn tls_connect_result(addr: SocketAddr, cfg: Arc<ClientConfig>) -> Result<TlsStream, String> {
+    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let conn = ClientConnection::new(cfg, ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut s = StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).map_err(|e| e.to_string())?;
+    }
+    Ok(s)
 }
 
 pub fn tls_connect(addr: SocketAddr, cfg: Arc<ClientConfig>) -> TlsStream {
