@@ -13,6 +13,7 @@
 //! * [`shard`] runs one event loop per core; [`server`] starts and stops them.
 
 pub mod admin;
+pub mod agent;
 pub mod buf;
 pub mod cli;
 pub mod config;

@@ -59,6 +59,10 @@ enum Command {
     /// Check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The device agent: register this device with a gateway (fingerprint check, key), then
+    /// stay connected with its credential. Prints `connection ready` on standard output each
+    /// time the session is ready; everything else goes to standard error.
+    Agent(fleetgate::cli::agent::AgentArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -198,6 +202,7 @@ fn main() -> ExitCode {
                 Ok(ExitCode::from(2))
             }
         },
+        Command::Agent(args) => fleetgate::cli::agent::run(args),
         Command::Config(ConfigCommand::Defaults) => {
             match toml::to_string_pretty(&Config::default()) {
                 Ok(s) => {

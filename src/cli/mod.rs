@@ -1,5 +1,6 @@
 //! Command-line front ends over the library (`fleetgate <command> …`).
 
+pub mod agent;
 pub mod devices;
 pub mod keys;
 pub mod pki;

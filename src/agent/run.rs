@@ -1,0 +1,229 @@
+//! The agent's run loop: stay connected, reconnect with backoff, fall back through the
+//! connectors and return to the first.
+
+use std::time::{Duration, Instant};
+
+use super::backoff::StopHandle;
+use super::client::{Session, check_expiry, connect_session_with};
+use super::state::{AgentState, Connector, Credential};
+use super::{AgentError, AgentEvent, AgentOptions, Refusal, tls};
+
+/// How [`run`] ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The [`StopHandle`] was triggered.
+    Stopped,
+    /// `options.once` and a session became ready (it was closed again).
+    Ready,
+    /// Gateway use was switched off in `agent.toml` (now or while running).
+    Disabled,
+}
+
+/// How often a running agent re-reads `agent.toml` (to notice `--disable`).
+const CONFIG_CHECK: Duration = Duration::from_secs(1);
+
+/// Runs the agent until stopped: connects with the stored credential to the first connector
+/// that answers (in order), reports [`AgentEvent::Ready`] on each session `hello`, stays
+/// connected (pings are answered), and reconnects whenever the session ends — waiting with
+/// exponential backoff and full jitter between rounds (`options.backoff`, at least the
+/// gateway's `retry_after_ms`). A round tries every connector in order; while on a later one,
+/// the first is re-tried every `options.reprobe_interval` and the agent moves back to it when
+/// it answers.
+///
+/// Ends with:
+/// * `Ok(`[`RunOutcome::Stopped`]`)` when `stop` is triggered (the session is closed with 1000);
+/// * `Ok(`[`RunOutcome::Ready`]`)` after the first ready session when `options.once`;
+/// * `Ok(`[`RunOutcome::Disabled`]`)` when gateway use is (or becomes) off in `agent.toml`;
+/// * `Err(`[`AgentError::Refused`]`)` for the refusals that mean "stop using this credential":
+///   `credential_revoked` (with `drop_settings`, the connectors, trust and credential are
+///   deleted first, [`AgentEvent::SettingsDropped`]), `credential_superseded`,
+///   `credential_unknown`, `credential_expired` (the certificate is deleted, the key kept:
+///   register again);
+/// * `Err(..)` when there is nothing to run with: [`AgentError::NotRegistered`],
+///   [`AgentError::NoConnectors`], [`AgentError::NoTrust`], an unreadable state.
+///
+/// `on_event` is called on the agent's thread; keep it quick (send to a channel).
+pub fn run(
+    state: &mut AgentState,
+    options: &AgentOptions,
+    stop: &StopHandle,
+    on_event: &mut dyn FnMut(AgentEvent),
+) -> Result<RunOutcome, AgentError> {
+    let mut attempt: u32 = 0;
+    loop {
+        if stop.is_stopped() {
+            return Ok(RunOutcome::Stopped);
+        }
+        state.reload()?;
+        if !state.config.enabled {
+            on_event(AgentEvent::Disabled);
+            return Ok(RunOutcome::Disabled);
+        }
+        let credential = state.credential()?.ok_or(AgentError::NotRegistered)?;
+        let trust = state.config.trust.ok_or(AgentError::NoTrust)?;
+        let connectors = state.config.connectors.clone();
+        if connectors.is_empty() {
+            return Err(AgentError::NoConnectors);
+        }
+        check_expiry(&credential)?;
+        let config = tls::client_config(&trust, state.pinned_root(), Some(&credential))?;
+
+        // One round: every connector in order.
+        let mut retry_after: Option<Duration> = None;
+        let mut found: Option<(usize, Session)> = None;
+        for (index, connector) in connectors.iter().enumerate() {
+            if stop.is_stopped() {
+                return Ok(RunOutcome::Stopped);
+            }
+            on_event(AgentEvent::Connecting {
+                connector: connector.clone(),
+            });
+            match connect_session_with(connector, config.clone(), options) {
+                Ok(session) => {
+                    found = Some((index, session));
+                    break;
+                }
+                Err(e) => {
+                    let r = failed(state, &credential, connector, e, on_event)?;
+                    retry_after = retry_after.max(r);
+                }
+            }
+        }
+        let Some((mut index, mut session)) = found else {
+            let delay = options.backoff.delay(attempt, retry_after);
+            attempt = attempt.saturating_add(1);
+            on_event(AgentEvent::Waiting { delay });
+            if stop.sleep(delay) {
+                return Ok(RunOutcome::Stopped);
+            }
+            continue;
+        };
+        on_event(ready(&session, &credential));
+        if options.once {
+            session.close();
+            return Ok(RunOutcome::Ready);
+        }
+
+        // Connected: stay until the session ends, moving back to the first connector when it
+        // answers again.
+        let mut next_probe = Instant::now() + options.reprobe_interval;
+        let mut next_config_check = Instant::now() + CONFIG_CHECK;
+        let end = loop {
+            if stop.is_stopped() {
+                session.close();
+                return Ok(RunOutcome::Stopped);
+            }
+            if let Err(e) = session.poll() {
+                break e;
+            }
+            let now = Instant::now();
+            if now >= next_config_check {
+                next_config_check = now + CONFIG_CHECK;
+                let disabled = AgentState::open(state.dir()).is_ok_and(|f| !f.config.enabled);
+                if disabled {
+                    session.close();
+                    state.config.enabled = false;
+                    on_event(AgentEvent::Disabled);
+                    return Ok(RunOutcome::Disabled);
+                }
+            }
+            if index > 0 && now >= next_probe {
+                let first = &connectors[0];
+                on_event(AgentEvent::Connecting {
+                    connector: first.clone(),
+                });
+                match connect_session_with(first, config.clone(), options) {
+                    Ok(back) => {
+                        on_event(AgentEvent::Disconnected {
+                            connector: session.connector().clone(),
+                            reason: format!("moving back to {first}"),
+                        });
+                        session.close();
+                        session = back;
+                        index = 0;
+                        on_event(ready(&session, &credential));
+                    }
+                    Err(e) => {
+                        failed(state, &credential, first, e, on_event)?;
+                    }
+                }
+                next_probe = Instant::now() + options.reprobe_interval;
+            }
+        };
+        let connector = session.connector().clone();
+        drop(session);
+        let retry_after = match end {
+            AgentError::Refused(_) => failed(state, &credential, &connector, end, on_event)?,
+            other => {
+                on_event(AgentEvent::Disconnected {
+                    connector,
+                    reason: other.to_string(),
+                });
+                None
+            }
+        };
+        // The session had succeeded: attempt 0 again, but still jittered so that a fleet
+        // dropped at once does not come back at once.
+        let delay = options.backoff.delay(0, retry_after);
+        attempt = 1;
+        on_event(AgentEvent::Waiting { delay });
+        if stop.sleep(delay) {
+            return Ok(RunOutcome::Stopped);
+        }
+    }
+}
+
+fn ready(session: &Session, credential: &Credential) -> AgentEvent {
+    let unit_id = if session.unit_id().is_empty() {
+        credential.unit_id.clone()
+    } else {
+        session.unit_id().to_owned()
+    };
+    AgentEvent::Ready {
+        unit_id,
+        connector: session.connector().clone(),
+    }
+}
+
+/// Handles a failed connection or an ended session: reports it, and for the refusals that
+/// stop the agent applies them to the state and returns the error. Otherwise returns the
+/// gateway's `retry_after` (if any).
+fn failed(
+    state: &mut AgentState,
+    credential: &Credential,
+    connector: &Connector,
+    error: AgentError,
+    on_event: &mut dyn FnMut(AgentEvent),
+) -> Result<Option<Duration>, AgentError> {
+    let refusal = match error {
+        AgentError::Refused(r) => r,
+        e if e.is_credential_expired_alert() => Refusal {
+            reason: "credential_expired".into(),
+            message: format!("the gateway refused the device credential: {e}"),
+            retry_after: None,
+            drop_settings: false,
+        },
+        e => {
+            tracing::debug!(%connector, "connection failed: {e}");
+            on_event(AgentEvent::ConnectFailed {
+                connector: connector.clone(),
+                error: e.to_string(),
+            });
+            return Ok(None);
+        }
+    };
+    on_event(AgentEvent::Refused {
+        connector: connector.clone(),
+        refusal: refusal.clone(),
+    });
+    if !refusal.stops_agent() {
+        return Ok(refusal.retry_after);
+    }
+    if refusal.drop_settings || refusal.reason == "credential_revoked" {
+        state.drop_settings()?;
+        on_event(AgentEvent::SettingsDropped);
+    } else if state.drop_credential_if(&credential.cert_pem)? {
+        on_event(AgentEvent::CredentialDropped);
+    }
+    Err(AgentError::Refused(refusal))
+}
