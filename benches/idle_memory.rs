@@ -3,6 +3,9 @@
 //! does the TLS 1.3 (or 1.2) handshake and the WebSocket upgrade against `shard::conn::Conn`,
 //! exactly as the shard drives it, then both sides go idle.
 //!
+//! The device is a registered one: it presents its device certificate (mutual TLS) and gets a
+//! session, as every device does after its registration.
+//!
 //! Run: `cargo bench --bench idle_memory` (optionally `-- N`, default 2000 connections).
 //! It prints, per idle connection: heap bytes held by the connection (what the counting
 //! allocator saw the server side keep), the slab slot (`size_of::<Conn>()`), and the sum.
@@ -12,7 +15,8 @@ use std::sync::Arc;
 
 use fleetgate::buf::VecPool;
 use fleetgate::config::Config;
-use fleetgate::metrics::ShardStats;
+use fleetgate::control::Revocations;
+use fleetgate::metrics::{Onboarding, ShardStats};
 use fleetgate::shard::conn::{Conn, Cx, Settings};
 use fleetgate::status::StatusCell;
 use fleetgate::sys::CountingAlloc;
@@ -34,6 +38,8 @@ struct Side {
     scratch: Vec<u8>,
     staged: Vec<u8>,
     pool: VecPool,
+    onboarding: Onboarding,
+    revocations: Revocations,
 }
 
 impl Side {
@@ -48,6 +54,8 @@ impl Side {
             scratch: &mut self.scratch,
             staged: &mut self.staged,
             pool: &mut self.pool,
+            onboarding: &self.onboarding,
+            revocations: &self.revocations,
         };
         server(|| conn.on_data(bytes, &mut cx));
         // What the shard would send; the buffer goes back to the pool afterwards.
@@ -84,7 +92,21 @@ fn main() {
     let boot = fleetgate::pki::bootstrap(dir.path(), &["localhost".into()]).unwrap();
     let ks = fleetgate::pki::Keystore::load(&boot.keystore_path).unwrap();
     let cfg = Config::default();
-    let scfg = server_config(&ks, &cfg.tls).unwrap();
+    let device_ca = fleetgate::pki::device::ensure_device_ca(dir.path()).unwrap();
+    let scfg = server_config(&ks, &cfg.tls, Some(device_ca.cert_der())).unwrap();
+    // One device credential (all simulated devices share it; the server keeps a copy per
+    // session either way).
+    let device_key = rcgen::KeyPair::generate().unwrap();
+    let issued = device_ca
+        .issue(
+            "00E0C5A1B2C3",
+            &rcgen::PublicKeyData::subject_public_key_info(&device_key),
+            1825,
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    let device_chain = vec![issued.cert_der.clone()];
+    let device_pkcs8 = device_key.serialize_der();
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&boot.root_pem_path).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -100,7 +122,11 @@ fn main() {
             .with_protocol_versions(&[version])
             .unwrap()
             .with_root_certificates(roots.clone())
-            .with_no_client_auth(),
+            .with_client_auth_cert(
+                device_chain.clone(),
+                rustls::pki_types::PrivateKeyDer::Pkcs8(device_pkcs8.clone().into()),
+            )
+            .unwrap(),
         );
         let mut side = Side {
             settings: Settings::from_config(&cfg),
@@ -109,6 +135,8 @@ fn main() {
             scratch: Vec::with_capacity(16384),
             staged: Vec::with_capacity(16384),
             pool: VecPool::new(16, 256 * 1024),
+            onboarding: Onboarding::default(),
+            revocations: Revocations::default(),
         };
         CountingAlloc::reset();
         let mut conns = Vec::with_capacity(n);

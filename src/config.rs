@@ -473,8 +473,7 @@ impl Config {
         if self.limits.max_pending_handshakes == 0 {
             return bad("limits.max_pending_handshakes", "must be at least 1");
         }
-        if self.limits.limit_retry_after_secs == 0 || self.limits.limit_retry_after_secs > 86_400
-        {
+        if self.limits.limit_retry_after_secs == 0 || self.limits.limit_retry_after_secs > 86_400 {
             return bad(
                 "limits.limit_retry_after_secs",
                 "must be between 1 and 86400",

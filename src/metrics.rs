@@ -306,7 +306,11 @@ impl Onboarding {
             "# HELP {name} Device registration attempts by outcome.\n# TYPE {name} counter"
         );
         for (i, r) in crate::registry::Reason::ALL.iter().enumerate() {
-            let _ = writeln!(o, "{name}{{reason=\"{r}\"}} {}", get(&self.registrations[i]));
+            let _ = writeln!(
+                o,
+                "{name}{{reason=\"{r}\"}} {}",
+                get(&self.registrations[i])
+            );
         }
         let name = "fleetgate_device_sessions_refused_total";
         let _ = writeln!(
@@ -314,8 +318,13 @@ impl Onboarding {
             "# HELP {name} Device sessions refused, by reason (limit_reached: the connection limit).\n# TYPE {name} counter"
         );
         for (i, r) in crate::registry::Reason::ALL.iter().enumerate() {
-            if r.as_str().starts_with("credential_") || *r == crate::registry::Reason::LimitReached {
-                let _ = writeln!(o, "{name}{{reason=\"{r}\"}} {}", get(&self.session_refusals[i]));
+            if r.as_str().starts_with("credential_") || *r == crate::registry::Reason::LimitReached
+            {
+                let _ = writeln!(
+                    o,
+                    "{name}{{reason=\"{r}\"}} {}",
+                    get(&self.session_refusals[i])
+                );
             }
         }
         let _ = writeln!(

@@ -162,11 +162,10 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
     tracing::debug!("keystore loaded after {:?}", t0.elapsed());
-    let device_ca =
-        pki::device::ensure_device_ca(&data_dir).map_err(|source| StartError::Pki {
-            dir: data_dir.clone(),
-            source,
-        })?;
+    let device_ca = pki::device::ensure_device_ca(&data_dir).map_err(|source| StartError::Pki {
+        dir: data_dir.clone(),
+        source,
+    })?;
     if device_ca.created() {
         tracing::info!(
             "created the device CA (issues device credentials) in {}",

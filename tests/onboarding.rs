@@ -54,7 +54,12 @@ fn one_time_key_works_once_then_the_credential_reconnects() {
         };
         assert!(cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert_eq!(msg["unit_id"], "UNIT-0001");
-        assert!(msg["device_ca"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
+        assert!(
+            msg["device_ca"]
+                .as_str()
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
 
         // The same key again, from another device: used.
         let mut other = Device::new("UNIT-0002");
@@ -64,7 +69,12 @@ fn one_time_key_works_once_then_the_credential_reconnects() {
         };
         assert_eq!(reason, "key_used");
         assert_eq!(close, Some(1008));
-        assert!(msg["message"].as_str().unwrap().contains("already been used"));
+        assert!(
+            msg["message"]
+                .as_str()
+                .unwrap()
+                .contains("already been used")
+        );
 
         // Reconnect with the credential, no key: session hello.
         let mut ws = d.session(gw.addr, &gw.root_pem()).expect("session");
@@ -77,7 +87,10 @@ fn one_time_key_works_once_then_the_credential_reconnects() {
                 assert!(out.contains("127.0.0.1"), "{out}");
                 break;
             }
-            assert!(Instant::now() < deadline, "devices list never showed it: {out}");
+            assert!(
+                Instant::now() < deadline,
+                "devices list never showed it: {out}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         assert_eq!(metric(&gw, "fleetgate_device_sessions"), 1);
@@ -147,7 +160,10 @@ fn removing_a_device_disconnects_it_and_it_cannot_come_back() {
         let gw = Gateway::start(driver, None, &[]);
         let key = keys(&gw, &["--one-time", "1"]).remove(0);
         let mut d = Device::new("LAPTOP-42");
-        assert_eq!(d.register(gw.addr, &gw.root_pem(), &key).reason(), "granted");
+        assert_eq!(
+            d.register(gw.addr, &gw.root_pem(), &key).reason(),
+            "granted"
+        );
         let mut ws = d.session(gw.addr, &gw.root_pem()).expect("session");
         set_timeout(&mut ws, Duration::from_secs(5));
         let t = Instant::now();
@@ -159,7 +175,11 @@ fn removing_a_device_disconnects_it_and_it_cannot_come_back() {
         assert_eq!(msg["reason"], "credential_revoked", "{msg}");
         assert_eq!(msg["drop_settings"], true, "{msg}");
         assert_eq!(read_close(&mut ws), Some(1008));
-        assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            t.elapsed()
+        );
         // Coming back with the same credential: refused at once.
         let refused = d.session(gw.addr, &gw.root_pem()).unwrap_err();
         assert_eq!(refused["reason"], "credential_revoked", "{refused}");
@@ -172,7 +192,10 @@ fn a_revocation_without_the_admin_socket_is_noticed_within_a_second() {
     let gw = Gateway::start("uring", None, &[]);
     let key = keys(&gw, &["--one-time", "1"]).remove(0);
     let mut d = Device::new("POLL-1");
-    assert_eq!(d.register(gw.addr, &gw.root_pem(), &key).reason(), "granted");
+    assert_eq!(
+        d.register(gw.addr, &gw.root_pem(), &key).reason(),
+        "granted"
+    );
     let mut ws = d.session(gw.addr, &gw.root_pem()).expect("session");
     set_timeout(&mut ws, Duration::from_secs(5));
     // Revoke through the library (as another tool would), not through the CLI.
@@ -182,7 +205,11 @@ fn a_revocation_without_the_admin_socket_is_noticed_within_a_second() {
         .unwrap();
     let msg = read_json(&mut ws).expect("refused");
     assert_eq!(msg["reason"], "credential_revoked");
-    assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -190,17 +217,25 @@ fn registering_again_supersedes_the_old_credential() {
     let gw = Gateway::start("epoll", None, &[]);
     let k = keys(&gw, &["--one-time", "2"]);
     let mut first = Device::new("DUP-1");
-    assert_eq!(first.register(gw.addr, &gw.root_pem(), &k[0]).reason(), "granted");
+    assert_eq!(
+        first.register(gw.addr, &gw.root_pem(), &k[0]).reason(),
+        "granted"
+    );
     let mut ws = first.session(gw.addr, &gw.root_pem()).expect("session");
     set_timeout(&mut ws, Duration::from_secs(5));
     let mut again = Device::new("DUP-1");
-    assert_eq!(again.register(gw.addr, &gw.root_pem(), &k[1]).reason(), "granted");
+    assert_eq!(
+        again.register(gw.addr, &gw.root_pem(), &k[1]).reason(),
+        "granted"
+    );
     let msg = read_json(&mut ws).expect("the old session is closed");
     assert_eq!(msg["reason"], "credential_superseded", "{msg}");
     assert!(msg.get("drop_settings").is_none(), "{msg}");
     let refused = first.session(gw.addr, &gw.root_pem()).unwrap_err();
     assert_eq!(refused["reason"], "credential_superseded");
-    again.session(gw.addr, &gw.root_pem()).expect("the new one works");
+    again
+        .session(gw.addr, &gw.root_pem())
+        .expect("the new one works");
 }
 
 #[test]
@@ -219,7 +254,10 @@ fn key_guessing_is_throttled_per_source() {
     }
     // Burst 3, then 1 a minute: the 4th attempt is throttled.
     assert_eq!(&reasons[..3], ["key_unknown"; 3], "{reasons:?}");
-    assert!(reasons[3..].iter().all(|r| r == "rate_limited"), "{reasons:?}");
+    assert!(
+        reasons[3..].iter().all(|r| r == "rate_limited"),
+        "{reasons:?}"
+    );
     let out = d.register(gw.addr, &gw.root_pem(), "still-wrong");
     let Outcome::Refused { msg, close, .. } = out else {
         panic!()
@@ -228,9 +266,15 @@ fn key_guessing_is_throttled_per_source() {
     assert!(msg["retry_after_ms"].as_u64().unwrap() > 1000, "{msg}");
     // Even a right key waits now (the key is not even looked at).
     let key = keys(&gw, &["--one-time", "1"]).remove(0);
-    assert_eq!(d.register(gw.addr, &gw.root_pem(), &key).reason(), "rate_limited");
+    assert_eq!(
+        d.register(gw.addr, &gw.root_pem(), &key).reason(),
+        "rate_limited"
+    );
     // Failures are counted and audited.
-    assert_eq!(metric(&gw, "fleetgate_registrations_total{reason=\"key_unknown\"}"), 3);
+    assert_eq!(
+        metric(&gw, "fleetgate_registrations_total{reason=\"key_unknown\"}"),
+        3
+    );
     let (_, out, _) = fleetgate(&gw, &["keys", "list"]);
     assert!(out.contains("unused"), "{out}");
 }
@@ -243,7 +287,10 @@ fn the_connection_limit_refuses_with_the_exact_log_line() {
         let key = keys(&gw, &["--mass"]).remove(0);
         let mut devices: Vec<Device> = (0..3).map(|i| Device::new(&format!("LIM-{i}"))).collect();
         for d in &mut devices {
-            assert_eq!(d.register(gw.addr, &gw.root_pem(), &key).reason(), "granted");
+            assert_eq!(
+                d.register(gw.addr, &gw.root_pem(), &key).reason(),
+                "granted"
+            );
         }
         let _a = devices[0].session(gw.addr, &gw.root_pem()).expect("first");
         let _b = devices[1].session(gw.addr, &gw.root_pem()).expect("second");
@@ -258,7 +305,12 @@ fn the_connection_limit_refuses_with_the_exact_log_line() {
             assert!(Instant::now() < deadline, "log:\n{}", gw.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        let logged = gw.log().lines().find(|l| l.contains(line)).unwrap().to_owned();
+        let logged = gw
+            .log()
+            .lines()
+            .find(|l| l.contains(line))
+            .unwrap()
+            .to_owned();
         assert!(logged.contains("WARN"), "{logged}");
         assert_eq!(
             metric(&gw, "fleetgate_device_connection_limit_rejections_total"),
@@ -269,7 +321,10 @@ fn the_connection_limit_refuses_with_the_exact_log_line() {
         assert!(ok && out.contains("set to 3"), "{out}{err}");
         let _c = devices[2].session(gw.addr, &gw.root_pem()).expect("third");
         let (ok, out, _) = fleetgate(&gw, &["devices", "limit"]);
-        assert!(ok && out.contains("limit: 3; devices connected: 3"), "{out}");
+        assert!(
+            ok && out.contains("limit: 3; devices connected: 3"),
+            "{out}"
+        );
     }
 }
 
@@ -285,7 +340,8 @@ fn malformed_registrations_and_foreign_certificates_are_refused() {
     csr[n - 4] ^= 0x5a;
     let msg = serde_json::json!({"type":"register","unit_id":"BAD-1","key":key,
         "csr": base64_encode(&csr)});
-    ws.send(tungstenite::Message::text(msg.to_string())).unwrap();
+    ws.send(tungstenite::Message::text(msg.to_string()))
+        .unwrap();
     let answer = read_json(&mut ws).unwrap();
     assert_eq!(answer["reason"], "bad_request", "{answer}");
     // Not JSON: bad_request.
@@ -294,11 +350,15 @@ fn malformed_registrations_and_foreign_certificates_are_refused() {
     assert_eq!(read_json(&mut ws).unwrap()["reason"], "bad_request");
     // A binary message in register mode: bad_request.
     let (mut ws, _) = d.open(gw.addr, &gw.root_pem(), false).unwrap();
-    ws.send(tungstenite::Message::binary(vec![1u8, 2, 3])).unwrap();
+    ws.send(tungstenite::Message::binary(vec![1u8, 2, 3]))
+        .unwrap();
     assert_eq!(read_json(&mut ws).unwrap()["reason"], "bad_request");
     // The key still works.
     let mut d = d;
-    assert_eq!(d.register(gw.addr, &gw.root_pem(), &key).reason(), "granted");
+    assert_eq!(
+        d.register(gw.addr, &gw.root_pem(), &key).reason(),
+        "granted"
+    );
 
     // A client certificate from another CA fails the TLS handshake.
     let mut stranger = Device::new("STRANGER");

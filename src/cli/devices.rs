@@ -150,11 +150,18 @@ fn limit(data_dir: &Path, max_devices: Option<u64>, out: &mut dyn Write) -> anyh
         Some(n) => admin::Request::SetLimit { max_devices: n },
         None => admin::Request::Status,
     };
-    let r = admin::request(data_dir, &req).context("the device limit is a setting of the running gateway")?;
+    let r = admin::request(data_dir, &req)
+        .context("the device limit is a setting of the running gateway")?;
     if !r.ok {
         anyhow::bail!("the gateway refused: {}", r.error.unwrap_or_default());
     }
-    let label = |n: u64| if n == 0 { "unlimited".to_owned() } else { n.to_string() };
+    let label = |n: u64| {
+        if n == 0 {
+            "unlimited".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
     let max = r.max_devices.unwrap_or(0);
     match max_devices {
         Some(_) => writeln!(out, "device connection limit set to {}", label(max))?,
@@ -243,7 +250,10 @@ mod tests {
                 String::from_utf8(err).unwrap(),
             )
         };
-        let (code, out, _) = run(DevicesCommand::List(ListArgs { active: false, connected: false }));
+        let (code, out, _) = run(DevicesCommand::List(ListArgs {
+            active: false,
+            connected: false,
+        }));
         assert_eq!(code, 0);
         assert_eq!(out.lines().count(), 3, "{out}");
         assert!(out.contains("UNIT-A") && out.contains("192.0.2.1") && out.contains("active"));
@@ -266,10 +276,16 @@ mod tests {
         assert_eq!(code, 2);
         assert!(err.contains("no device with unit ID NOPE"), "{err}");
 
-        let (_, out, _) = run(DevicesCommand::List(ListArgs { active: true, connected: false }));
+        let (_, out, _) = run(DevicesCommand::List(ListArgs {
+            active: true,
+            connected: false,
+        }));
         assert_eq!(out.lines().count(), 2, "{out}");
         assert!(!out.contains("UNIT-A"));
-        let (_, out, _) = run(DevicesCommand::List(ListArgs { active: false, connected: false }));
+        let (_, out, _) = run(DevicesCommand::List(ListArgs {
+            active: false,
+            connected: false,
+        }));
         assert!(out.contains("revoked"));
     }
 }

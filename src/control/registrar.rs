@@ -79,7 +79,9 @@ struct Pending {
 }
 
 /// The revocation list as the registry has it now.
-pub fn load_revocations(registry: &Registry) -> Result<Revocations, crate::registry::RegistryError> {
+pub fn load_revocations(
+    registry: &Registry,
+) -> Result<Revocations, crate::registry::RegistryError> {
     let mut r = Revocations::default();
     for (fp, _, why) in registry.revoked_credentials(unix_now())? {
         r.insert(fp.0, why == "superseded");
@@ -219,12 +221,10 @@ impl Registrar {
                 } => {
                     // Counted by the shard; audited here.
                     if reason != Reason::LimitReached {
-                        if let Err(e) = self.registry.record_refusal(
-                            Some(&unit_id),
-                            source,
-                            reason,
-                            unix_now(),
-                        ) {
+                        if let Err(e) =
+                            self.registry
+                                .record_refusal(Some(&unit_id), source, reason, unix_now())
+                        {
                             tracing::warn!(error = %e, "cannot write the audit log");
                         }
                     }
@@ -310,12 +310,9 @@ impl Registrar {
                 if let Some(ip) = source {
                     self.limiter.record_failure(ip, Instant::now());
                 }
-                let _ = self.registry.record_refusal(
-                    None,
-                    source,
-                    Reason::UnitIdInvalid,
-                    unix_now(),
-                );
+                let _ =
+                    self.registry
+                        .record_refusal(None, source, Reason::UnitIdInvalid, unix_now());
                 self.answer(shard, conn, refused(Reason::UnitIdInvalid, None));
                 return None;
             }
@@ -559,9 +556,8 @@ pub fn csr_public_key(b64: &str) -> Result<Vec<u8>, String> {
     let der = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .map_err(|e| format!("csr is not base64: {e}"))?;
-    let (rest, csr) =
-        x509_parser::certification_request::X509CertificationRequest::from_der(&der)
-            .map_err(|e| format!("csr is not a PKCS#10 request: {e}"))?;
+    let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+        .map_err(|e| format!("csr is not a PKCS#10 request: {e}"))?;
     if !rest.is_empty() {
         return Err("csr has trailing bytes".into());
     }
@@ -571,7 +567,10 @@ pub fn csr_public_key(b64: &str) -> Result<Vec<u8>, String> {
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let s: String = s.chars().filter(|c| !matches!(c, ':' | ' ' | '-')).collect();
+    let s: String = s
+        .chars()
+        .filter(|c| !matches!(c, ':' | ' ' | '-'))
+        .collect();
     if s.len() != 64 {
         return None;
     }

@@ -164,7 +164,10 @@ enum Role {
     Echo,
     Management,
     /// Register mode: collecting the `register` message (`msg`), then waiting for the registrar.
-    Registering { msg: Vec<u8>, waiting: bool },
+    Registering {
+        msg: Vec<u8>,
+        waiting: bool,
+    },
     /// Session mode: an authenticated device.
     Device,
     /// Refused or answered: only the close handshake remains.

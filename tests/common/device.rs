@@ -24,8 +24,15 @@ pub struct Device {
 /// What a registration attempt got.
 #[derive(Debug)]
 pub enum Outcome {
-    Registered { cert_pem: String, msg: Value },
-    Refused { reason: String, msg: Value, close: Option<u16> },
+    Registered {
+        cert_pem: String,
+        msg: Value,
+    },
+    Refused {
+        reason: String,
+        msg: Value,
+        close: Option<u16>,
+    },
 }
 
 impl Outcome {
@@ -74,8 +81,7 @@ impl Device {
         .with_root_certificates(Self::roots(root_pem));
         Arc::new(if with_cert {
             let chain = vec![
-                CertificateDer::from_pem_slice(self.cert_pem.as_ref().unwrap().as_bytes())
-                    .unwrap(),
+                CertificateDer::from_pem_slice(self.cert_pem.as_ref().unwrap().as_bytes()).unwrap(),
             ];
             let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()));
             b.with_client_auth_cert(chain, key).unwrap()
@@ -102,7 +108,9 @@ impl Device {
 
     /// Registers with `key`; stores the certificate when granted.
     pub fn register(&mut self, addr: SocketAddr, root_pem: &Path, key: &str) -> Outcome {
-        let (mut ws, hello) = self.open(addr, root_pem, false).expect("register connection");
+        let (mut ws, hello) = self
+            .open(addr, root_pem, false)
+            .expect("register connection");
         assert_eq!(hello["type"], "hello", "{hello}");
         assert_eq!(hello["mode"], "register", "{hello}");
         let msg = serde_json::json!({
