@@ -158,19 +158,54 @@ fn summarise(m: &Metrics) -> String {
             if shards == 1 { "" } else { "s" }
         ),
     );
-    // Registration metrics belong to the registry; show whatever it exports.
-    let registrations = m.describe(|n| n.contains("registration") || n.contains("registered"));
-    if !registrations.is_empty() {
-        line(&mut o, "registrations", &registrations.join(", "));
+    let granted = m
+        .with_label("fleetgate_registrations_total", "reason", "granted")
+        .unwrap_or(0.0);
+    let refused: Vec<String> = m
+        .samples("fleetgate_registrations_total")
+        .filter(|s| s.value > 0.0 && s.label("reason") != Some("granted"))
+        .map(|s| format!("{} {}", s.label("reason").unwrap_or("?"), count(s.value)))
+        .collect();
+    if m.samples("fleetgate_registrations_total").next().is_some() {
+        line(
+            &mut o,
+            "registrations",
+            &format!(
+                "{} granted, {} refused{}",
+                count(granted),
+                count(m.sum("fleetgate_registrations_total").unwrap_or(0.0) - granted),
+                if refused.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", refused.join(", "))
+                }
+            ),
+        );
     }
+    let limit = m.sum("fleetgate_device_connection_limit").unwrap_or(0.0);
     let mut rejections = vec![format!(
-        "{} at the connection limit",
+        "{} at the device connection limit ({})",
         count(
-            m.with_label("fleetgate_errors_total", "kind", "shard_full")
+            m.sum("fleetgate_device_connection_limit_rejections_total")
                 .unwrap_or(0.0)
-        )
+        ),
+        if limit > 0.0 {
+            format!("limit {}", count(limit))
+        } else {
+            "unlimited".to_owned()
+        }
     )];
-    rejections.extend(m.describe(|n| n.contains("reject")));
+    rejections.extend(
+        m.samples("fleetgate_device_sessions_refused_total")
+            .filter(|s| s.value > 0.0 && s.label("reason") != Some("limit_reached"))
+            .map(|s| format!("{} {}", s.label("reason").unwrap_or("?"), count(s.value))),
+    );
+    let full = m
+        .with_label("fleetgate_errors_total", "kind", "shard_full")
+        .unwrap_or(0.0);
+    if full > 0.0 {
+        rejections.push(format!("{} with a full shard", count(full)));
+    }
     line(&mut o, "rejections", &rejections.join(", "));
     let tls12 = m
         .with_label("fleetgate_tls_handshakes_total", "version", "1.2")
@@ -739,7 +774,10 @@ fleetgate_tls_handshakes_total{version=\"1.3\"} 9\n\
 fleetgate_errors_total{kind=\"tls\"} 1\n\
 fleetgate_errors_total{kind=\"shard_full\"} 5\n\
 fleetgate_errors_total{kind=\"http\"} 0\n\
-fleetgate_registrations_total{result=\"accepted\"} 4\n\
+fleetgate_registrations_total{reason=\"granted\"} 4\n\
+fleetgate_registrations_total{reason=\"key_used\"} 2\n\
+fleetgate_device_connection_limit_rejections_total 3\n\
+fleetgate_device_connection_limit 100\n\
 fleetgate_info{version=\"0.1.0\",driver=\"uring\",shards=\"2\"} 1\n\
 fleetgate_resident_memory_bytes 25165824\n";
 
@@ -779,10 +817,13 @@ fleetgate_resident_memory_bytes 25165824\n";
             "{text}"
         );
         assert!(
-            text.contains("registrations_total{result=accepted} 4"),
+            text.contains("registrations  4 granted, 2 refused (key_used 2)"),
             "{text}"
         );
-        assert!(text.contains("5 at the connection limit"), "{text}");
+        assert!(
+            text.contains("3 at the device connection limit (limit 100), 5 with a full shard"),
+            "{text}"
+        );
         assert!(text.contains("11 (TLS 1.3: 9, TLS 1.2: 2)"), "{text}");
         assert!(
             text.contains("errors         tls 1, shard_full 5\n"),
