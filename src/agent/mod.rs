@@ -287,12 +287,13 @@ pub enum AgentError {
         message: String,
     },
     /// The fingerprint the user typed (or passed) is not the gateway's.
+    /// (The message does not repeat the presented fingerprint, so that a retry cannot copy it.)
     #[error(
-        "the gateway's root fingerprint does not match ({presented} presented); registration \
-         stopped — check the gateway address and the fingerprint from your administrator"
+        "the gateway's root fingerprint does not match the one given; registration stopped — \
+         check the gateway address and the fingerprint from your administrator"
     )]
     FingerprintMismatch {
-        /// The fingerprint the gateway presented (`Part 1: … Part 4: …`).
+        /// The fingerprint the gateway presented (`Part 1: … Part 4: …`), for logs.
         presented: String,
     },
     /// The gateway answered something the protocol does not allow here.

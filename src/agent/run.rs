@@ -155,9 +155,11 @@ pub fn run(
         let retry_after = match end {
             AgentError::Refused(_) => failed(state, &credential, &connector, end, on_event)?,
             other => {
+                let reason = other.to_string();
+                let prefix = format!("{connector}: ");
                 on_event(AgentEvent::Disconnected {
+                    reason: reason.strip_prefix(&prefix).unwrap_or(&reason).to_owned(),
                     connector,
-                    reason: other.to_string(),
                 });
                 None
             }

@@ -306,10 +306,8 @@ fn register_interactively(
     };
     confirm(args, state, &contact, input, err)?;
     state.adopt(&contact)?;
-    // The answering gateway first, the others after it in the given order.
-    let mut ordered = vec![contact.connector.clone()];
-    ordered.extend(connectors.into_iter().filter(|c| *c != contact.connector));
-    state.config.connectors = ordered;
+    // The order given is the order of preference, whichever answered first now.
+    state.config.connectors = connectors;
     state.config.unit_id = Some(unit_id.clone());
     state.save()?;
 
