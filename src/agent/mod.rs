@@ -14,7 +14,7 @@
 //!    when confirmed, [`AgentState::adopt`] pins it. A chain that validates against the system
 //!    roots ([`FirstContact::system_trusted`]) needs no fingerprint step.
 //! 3. [`register`] with the unit ID and the key: stores `device.key`/`device.pem` (0600).
-//! 4. [`run`] until stopped: connects with the credential, reports [`AgentEvent::Ready`] on
+//! 4. [`run()`] until stopped: connects with the credential, reports [`AgentEvent::Ready`] on
 //!    each session `hello`, reconnects with backoff, falls back through the connectors.
 //!
 //! ```no_run
@@ -88,7 +88,7 @@ pub struct AgentOptions {
     pub handshake_timeout: Duration,
     /// Attempts of [`register`] on transport failures and `internal_error` (default 4).
     pub register_attempts: u32,
-    /// [`run`] returns after the first ready session (`fleetgate agent --once`).
+    /// [`run()`] returns after the first ready session (`fleetgate agent --once`).
     pub once: bool,
 }
 
@@ -125,7 +125,7 @@ impl AgentOptions {
     }
 }
 
-/// What the running agent reports ([`run`]'s `on_event`).
+/// What the running agent reports ([`run()`]'s `on_event`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentEvent {
     /// Connecting to a gateway (each attempt, re-probes included).

@@ -42,6 +42,9 @@ const CONFIG_CHECK: Duration = Duration::from_secs(1);
 /// * `Err(..)` when there is nothing to run with: [`AgentError::NotRegistered`],
 ///   [`AgentError::NoConnectors`], [`AgentError::NoTrust`], an unreadable state.
 ///
+/// `agent.toml` is re-read at the start of every round (and checked every second for
+/// `enabled = false` while connected), so save changes to `state.config` before calling.
+///
 /// `on_event` is called on the agent's thread; keep it quick (send to a channel).
 pub fn run(
     state: &mut AgentState,

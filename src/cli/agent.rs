@@ -40,7 +40,7 @@ pub struct AgentArgs {
     /// wss:// URL. Repeat for fallback gateways, in order of preference.
     #[arg(long = "gateway", value_name = "HOST[:PORT]")]
     pub gateways: Vec<String>,
-    /// Find the gateway from an e-mail address: DNS TXT record igel-cloud-gateway.<domain>.
+    /// Find the gateway from an e-mail address: DNS TXT record `igel-cloud-gateway.<domain>`.
     #[arg(long, value_name = "USER@DOMAIN", conflicts_with = "gateways")]
     pub email: Option<String>,
     /// Name server (IP:PORT) for --email instead of the system's resolvers.
