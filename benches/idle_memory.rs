@@ -93,7 +93,7 @@ fn main() {
     let ks = fleetgate::pki::Keystore::load(&boot.keystore_path).unwrap();
     let cfg = Config::default();
     let device_ca = fleetgate::pki::device::ensure_device_ca(dir.path()).unwrap();
-    let scfg = server_config(&ks, &cfg.tls, Some(device_ca.cert_der())).unwrap();
+    let scfg = server_config(&ks, &cfg.tls, Some(device_ca.cert_der()), None).unwrap();
     // One device credential (all simulated devices share it; the server keeps a copy per
     // session either way).
     let device_key = rcgen::KeyPair::generate().unwrap();

@@ -73,6 +73,8 @@ pub struct ShardStats {
     pub handshakes_tls12: AtomicU64,
     /// Completed TLS 1.3 handshakes.
     pub handshakes_tls13: AtomicU64,
+    /// Completed handshakes that resumed a session (tickets).
+    pub handshakes_resumed: AtomicU64,
     /// HTTP requests answered without an upgrade.
     pub http_requests: AtomicU64,
     /// WebSocket upgrades.
@@ -199,6 +201,12 @@ pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u
         o,
         "{name}{{version=\"1.3\"}} {}",
         total(shards, |s| &s.handshakes_tls13)
+    );
+    let name = "fleetgate_tls_resumptions_total";
+    let _ = writeln!(
+        o,
+        "# HELP {name} TLS handshakes that resumed a session (ticket).\n# TYPE {name} counter\n{name} {}",
+        total(shards, |s| &s.handshakes_resumed)
     );
     let name = "fleetgate_errors_total";
     let _ = writeln!(o, "# HELP {name} Errors by kind.\n# TYPE {name} counter");

@@ -93,6 +93,8 @@ pub struct Running {
     data_dir: PathBuf,
     /// The device CA certificate: the client-certificate trust anchor of every TLS config.
     device_ca: rustls_pki_types::CertificateDer<'static>,
+    /// The session-ticket keys (kept across keystore reloads and restarts).
+    tickets: Arc<dyn rustls::server::ProducesTickets>,
     /// The registrar's inbox (admin requests) and its thread.
     jobs: Sender<Job>,
     registrar: Option<JoinHandle<()>>,
@@ -186,7 +188,14 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         t0.elapsed()
     );
     let device_ca_der = device_ca.cert_der().clone();
-    let tls_config = crate::tls::server_config(&keystore, &config.tls, Some(&device_ca_der))?;
+    let tickets: Arc<dyn rustls::server::ProducesTickets> =
+        crate::tls::PersistentTicketer::load_or_create(&data_dir.join("pki").join("tickets.key"))?;
+    let tls_config = crate::tls::server_config(
+        &keystore,
+        &config.tls,
+        Some(&device_ca_der),
+        Some(tickets.clone()),
+    )?;
     tracing::debug!("TLS configuration ready after {:?}", t0.elapsed());
     tracing::debug!("certificate chain checked after {:?}", t0.elapsed());
 
@@ -368,6 +377,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         admin: Some(admin),
         data_dir,
         device_ca: device_ca_der,
+        tickets,
         jobs: jobs_tx,
         registrar: Some(registrar),
     };
@@ -507,8 +517,13 @@ impl Running {
             let msg: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
             return Err(format!("new keystore refused: {}", msg.join("; ")));
         }
-        let cfg = crate::tls::server_config(&ks, &self.config.tls, Some(&self.device_ca))
-            .map_err(|e| e.to_string())?;
+        let cfg = crate::tls::server_config(
+            &ks,
+            &self.config.tls,
+            Some(&self.device_ca),
+            Some(self.tickets.clone()),
+        )
+        .map_err(|e| e.to_string())?;
         for s in &self.shards {
             let _ = s.tx.send(Command::TlsConfig(cfg.clone()));
             s.waker.wake();

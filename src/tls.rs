@@ -14,7 +14,9 @@
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
-use rustls::server::{NoServerSessionStorage, ServerConfig, UnbufferedServerConnection};
+use rustls::server::{
+    NoServerSessionStorage, ProducesTickets, ServerConfig, UnbufferedServerConnection,
+};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
 use rustls::{CipherSuite, ProtocolVersion, SupportedCipherSuite};
 
@@ -45,10 +47,15 @@ pub enum TlsError {
 /// device credential) but also accepts none: a device without a credential registers, one
 /// with a credential is authenticated by the handshake itself (chain, validity, clientAuth).
 /// A certificate from any other issuer fails the handshake.
+///
+/// `tickets` encrypts the session tickets; [`PersistentTicketer`] keeps its keys in the data
+/// dir so that devices resume their sessions across a gateway restart. `None` uses a key that
+/// lives only as long as the process.
 pub fn server_config(
     keystore: &Keystore,
     cfg: &TlsConfig,
     device_ca: Option<&CertificateDer<'static>>,
+    tickets: Option<Arc<dyn ProducesTickets>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(provider());
     let client_auth: Arc<dyn rustls::server::danger::ClientCertVerifier> = match device_ca {
@@ -83,8 +90,11 @@ pub fn server_config(
     sc.ignore_client_order = true;
     sc.alpn_protocols = vec![b"http/1.1".to_vec()];
     if cfg.session_tickets {
-        sc.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
-            .map_err(|e| TlsError::Config(format!("session ticketer: {e}")))?;
+        sc.ticketer = match tickets {
+            Some(t) => t,
+            None => rustls::crypto::aws_lc_rs::Ticketer::new()
+                .map_err(|e| TlsError::Config(format!("session ticketer: {e}")))?,
+        };
         // Stateless tickets only: a shared session cache would be a lock on the handshake path.
         sc.session_storage = Arc::new(NoServerSessionStorage {});
         sc.send_tls13_tickets = 1;
@@ -157,6 +167,11 @@ impl TlsSession {
             established: false,
             close_notify_sent: false,
         })
+    }
+
+    /// The completed handshake resumed an earlier session (a session ticket).
+    pub fn resumed(&self) -> bool {
+        self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
     }
 
     /// The handshake has completed.
@@ -411,5 +426,281 @@ pub fn version_label(v: ProtocolVersion) -> &'static str {
         ProtocolVersion::TLSv1_3 => "1.3",
         ProtocolVersion::TLSv1_2 => "1.2",
         _ => "other",
+    }
+}
+
+/// Session-ticket keys that survive a restart, so a fleet reconnecting after a gateway
+/// restart resumes its TLS sessions (no certificate signatures on either side) instead of
+/// running full handshakes: the expensive part of a reconnect storm.
+///
+/// Tickets are AES-256-GCM: `key id (4) ‖ nonce (12) ‖ ciphertext ‖ tag (16)`, the key id as
+/// additional data. Two keys are kept, the current one (encrypts) and the previous one (still
+/// decrypts); the current key is replaced every [`TICKET_ROTATE_SECS`], so a ticket is usable
+/// for at most twice that, and a stolen key file exposes at most that window of resumed
+/// sessions (TLS 1.3 resumption still runs a fresh ECDHE; 0-RTT is off).
+///
+/// The keys live in one file (mode 0600, replaced atomically):
+/// `fleetgate-ticket-keys v1`, the Unix time of the last rotation, the current key and the
+/// previous key (hex, `-` for none), one per line. A missing or unreadable file gets new keys
+/// (devices then do one full handshake).
+pub struct PersistentTicketer {
+    path: std::path::PathBuf,
+    keys: std::sync::RwLock<TicketKeys>,
+}
+
+/// How often the ticket key is replaced (12 hours).
+pub const TICKET_ROTATE_SECS: u64 = 12 * 3600;
+
+struct TicketKey {
+    raw: [u8; 32],
+    id: [u8; 4],
+    aead: aws_lc_rs::aead::LessSafeKey,
+}
+
+struct TicketKeys {
+    rotated_at: u64,
+    current: TicketKey,
+    previous: Option<TicketKey>,
+}
+
+impl std::fmt::Debug for PersistentTicketer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersistentTicketer")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl TicketKey {
+    fn from_raw(raw: [u8; 32]) -> Option<TicketKey> {
+        use sha2::Digest as _;
+        let unbound = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &raw).ok()?;
+        let digest = sha2::Sha256::digest(raw);
+        Some(TicketKey {
+            raw,
+            id: [digest[0], digest[1], digest[2], digest[3]],
+            aead: aws_lc_rs::aead::LessSafeKey::new(unbound),
+        })
+    }
+
+    fn random() -> Result<TicketKey, TlsError> {
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).map_err(|e| TlsError::Config(format!("random: {e}")))?;
+        TicketKey::from_raw(raw).ok_or(TlsError::Config("AES-256-GCM key".into()))
+    }
+
+    fn hex(&self) -> String {
+        self.raw.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn parse_key(line: &str) -> Option<TicketKey> {
+    let line = line.trim();
+    if line.len() != 64 {
+        return None;
+    }
+    let mut raw = [0u8; 32];
+    for (i, b) in raw.iter_mut().enumerate() {
+        *b = u8::from_str_radix(line.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    TicketKey::from_raw(raw)
+}
+
+impl PersistentTicketer {
+    /// Loads the keys from `path` (rotating them if they are due), or creates new ones.
+    pub fn load_or_create(path: &std::path::Path) -> Result<Arc<PersistentTicketer>, TlsError> {
+        let now = unix_secs();
+        let loaded = std::fs::read_to_string(path).ok().and_then(|text| {
+            let mut lines = text.lines();
+            if lines.next()? != "fleetgate-ticket-keys v1" {
+                return None;
+            }
+            let rotated_at: u64 = lines.next()?.trim().parse().ok()?;
+            let current = parse_key(lines.next()?)?;
+            let previous = lines.next().and_then(parse_key);
+            Some(TicketKeys {
+                rotated_at,
+                current,
+                previous,
+            })
+        });
+        let fresh = loaded.is_none();
+        let keys = match loaded {
+            Some(k) => k,
+            None => TicketKeys {
+                rotated_at: now,
+                current: TicketKey::random()?,
+                previous: None,
+            },
+        };
+        let t = PersistentTicketer {
+            path: path.to_owned(),
+            keys: std::sync::RwLock::new(keys),
+        };
+        if fresh {
+            t.save().map_err(|e| {
+                TlsError::Config(format!("session ticket keys {}: {e}", path.display()))
+            })?;
+        }
+        t.rotate_if_due(now);
+        Ok(Arc::new(t))
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let text = {
+            let k = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            format!(
+                "fleetgate-ticket-keys v1\n{}\n{}\n{}\n",
+                k.rotated_at,
+                k.current.hex(),
+                k.previous
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), TicketKey::hex)
+            )
+        };
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// Replaces the current key when it is older than [`TICKET_ROTATE_SECS`].
+    fn rotate_if_due(&self, now: u64) {
+        {
+            let k = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            if now < k.rotated_at + TICKET_ROTATE_SECS {
+                return;
+            }
+        }
+        let Ok(new) = TicketKey::random() else { return };
+        {
+            let mut k = self.keys.write().unwrap_or_else(|e| e.into_inner());
+            if now < k.rotated_at + TICKET_ROTATE_SECS {
+                return; // another thread rotated meanwhile
+            }
+            let old = std::mem::replace(&mut k.current, new);
+            k.previous = Some(old);
+            k.rotated_at = now;
+        }
+        if let Err(e) = self.save() {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot save the rotated session ticket keys; tickets will not survive a restart");
+        }
+    }
+}
+
+impl ProducesTickets for PersistentTicketer {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        TICKET_ROTATE_SECS as u32
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.rotate_if_due(unix_secs());
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce).ok()?;
+        let k = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(4 + 12 + plain.len() + 16);
+        out.extend_from_slice(&k.current.id);
+        out.extend_from_slice(&nonce);
+        let mut body = plain.to_vec();
+        k.current
+            .aead
+            .seal_in_place_append_tag(
+                aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                aws_lc_rs::aead::Aad::from(k.current.id),
+                &mut body,
+            )
+            .ok()?;
+        out.extend_from_slice(&body);
+        Some(out)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        if cipher.len() < 4 + 12 + 16 {
+            return None;
+        }
+        let id: [u8; 4] = cipher[..4].try_into().ok()?;
+        let nonce: [u8; 12] = cipher[4..16].try_into().ok()?;
+        let k = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let key = [Some(&k.current), k.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|key| key.id == id)?;
+        let mut body = cipher[16..].to_vec();
+        let plain = key
+            .aead
+            .open_in_place(
+                aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                aws_lc_rs::aead::Aad::from(id),
+                &mut body,
+            )
+            .ok()?;
+        let n = plain.len();
+        body.truncate(n);
+        Some(body)
+    }
+}
+
+#[cfg(test)]
+mod ticket_tests {
+    use super::*;
+
+    #[test]
+    fn tickets_survive_a_reload_and_rotation_keeps_the_previous_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tickets.key");
+        let a = PersistentTicketer::load_or_create(&path).unwrap();
+        let t = a.encrypt(b"session state").unwrap();
+        assert_eq!(a.decrypt(&t).unwrap(), b"session state");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // A restart: same keys from the file.
+        let b = PersistentTicketer::load_or_create(&path).unwrap();
+        assert_eq!(b.decrypt(&t).unwrap(), b"session state");
+        // Tampering and truncation are refused.
+        let mut bad = t.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        assert!(b.decrypt(&bad).is_none());
+        assert!(b.decrypt(&t[..20]).is_none());
+        // One rotation: old tickets still open; two: they do not.
+        b.rotate_if_due(unix_secs() + TICKET_ROTATE_SECS + 1);
+        assert_eq!(b.decrypt(&t).unwrap(), b"session state");
+        let c = PersistentTicketer::load_or_create(&path).unwrap();
+        assert_eq!(
+            c.decrypt(&t).unwrap(),
+            b"session state",
+            "rotation was saved"
+        );
+        c.rotate_if_due(unix_secs() + 3 * TICKET_ROTATE_SECS);
+        assert!(c.decrypt(&t).is_none());
+        // A broken file gets new keys.
+        std::fs::write(&path, "garbage").unwrap();
+        let d = PersistentTicketer::load_or_create(&path).unwrap();
+        assert!(d.decrypt(&t).is_none());
+        assert!(d.decrypt(&d.encrypt(b"x").unwrap()).is_some());
     }
 }

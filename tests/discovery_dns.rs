@@ -2,45 +2,14 @@
 //! `dnsmasq-base`) on 127.0.0.1 and a free port, authoritative for `example.test`. Its query
 //! log (`--log-queries`) proves the lookups really went over the wire.
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::time::Duration;
+
+use std::net::SocketAddr;
+
+use common::dnsmasq::{Dnsmasq, free_port};
 use fleetgate::discovery::{self, DiscoveredGateway, DiscoveryConfig, DiscoveryError};
-
-/// A dnsmasq process; killed (by PID) when dropped, also when the test panics.
-struct Dnsmasq {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-fn dnsmasq_binary() -> &'static str {
-    for candidate in ["/usr/sbin/dnsmasq", "dnsmasq"] {
-        if Command::new(candidate)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            return candidate;
-        }
-    }
-    panic!("these tests need dnsmasq: apt-get install -y dnsmasq-base");
-}
-
-/// A port free for both UDP and TCP on 127.0.0.1 (dnsmasq binds both).
-fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
 
 const RECORDS: &[&str] = &[
     "--txt-record=igel-cloud-gateway.example.test,https://gw.example.test:8443/usg/endpoint",
@@ -55,100 +24,6 @@ const RECORDS: &[&str] = &[
     "--host-record=igel-cloud-gateway.nodata.example.test,192.0.2.1",
 ];
 
-impl Dnsmasq {
-    fn start(dir: &Path) -> Dnsmasq {
-        let binary = dnsmasq_binary();
-        for attempt in 0..5 {
-            let port = free_port();
-            let log = dir.join(format!("dnsmasq-{attempt}.log"));
-            let logfile = std::fs::File::create(&log).unwrap();
-            let child = Command::new(binary)
-                .args([
-                    "--keep-in-foreground",
-                    "--conf-file=/dev/null",
-                    "--listen-address=127.0.0.1",
-                    "--bind-interfaces",
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--local=/example.test/",
-                    "--log-queries",
-                    "--log-facility=-",
-                    "--user=nobody",
-                ])
-                .arg(format!("--port={port}"))
-                .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
-                .args(RECORDS)
-                .stdout(Stdio::from(logfile.try_clone().unwrap()))
-                .stderr(Stdio::from(logfile))
-                .spawn()
-                .expect("start dnsmasq");
-            let mut server = Dnsmasq {
-                child,
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                log,
-            };
-            if server.wait_started() {
-                return server;
-            }
-            // Lost a race for the port (or another start-up failure): try another port.
-            eprintln!("dnsmasq did not start: {}", server.log_text());
-        }
-        panic!("dnsmasq failed to start 5 times");
-    }
-
-    /// True once dnsmasq logged its start; false if it exited. Bounded to 20 s.
-    fn wait_started(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.log_text().contains("started, version") {
-                return true;
-            }
-            if self.child.try_wait().unwrap().is_some() {
-                return false;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dnsmasq did not start: {}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits (at most 10 s) for a query for `name` in the log.
-    fn assert_queried(&self, name: &str) {
-        let needle = format!("query[TXT] {name} from 127.0.0.1");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.log_text().contains(&needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in the dnsmasq log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn config(&self) -> DiscoveryConfig {
-        DiscoveryConfig {
-            nameserver: Some(self.addr),
-            timeout: Duration::from_secs(5),
-            attempts: 2,
-        }
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn gw(host: &str, port: u16, path: &str) -> DiscoveredGateway {
     DiscoveredGateway {
         host: host.into(),
@@ -160,7 +35,7 @@ fn gw(host: &str, port: u16, path: &str) -> DiscoveredGateway {
 #[test]
 fn discovery_against_dnsmasq() {
     let dir = tempfile::tempdir().unwrap();
-    let dns = Dnsmasq::start(dir.path());
+    let dns = Dnsmasq::start(dir.path(), RECORDS);
     let cfg = dns.config();
 
     // The plain case.

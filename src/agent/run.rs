@@ -1,11 +1,12 @@
 //! The agent's run loop: stay connected, reconnect with backoff, fall back through the
 //! connectors and return to the first.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::backoff::StopHandle;
 use super::client::{Session, check_expiry, connect_session_with};
-use super::state::{AgentState, Connector, Credential};
+use super::state::{AgentState, Connector, Credential, Trust};
 use super::{AgentError, AgentEvent, AgentOptions, Refusal, tls};
 
 /// How [`run`] ended without an error.
@@ -53,6 +54,10 @@ pub fn run(
     on_event: &mut dyn FnMut(AgentEvent),
 ) -> Result<RunOutcome, AgentError> {
     let mut attempt: u32 = 0;
+    // The TLS configuration is kept while the credential and trust stay the same: it holds the
+    // session tickets, so reconnects (a gateway restart included: the gateway keeps its ticket
+    // keys) resume instead of running full handshakes.
+    let mut cached: Option<(Vec<u8>, Trust, Arc<rustls::ClientConfig>)> = None;
     loop {
         if stop.is_stopped() {
             return Ok(RunOutcome::Stopped);
@@ -69,7 +74,16 @@ pub fn run(
             return Err(AgentError::NoConnectors);
         }
         check_expiry(&credential)?;
-        let config = tls::client_config(&trust, state.pinned_root(), Some(&credential))?;
+        let config = match &cached {
+            Some((cert, t, config)) if *cert == credential.cert.as_ref() && *t == trust => {
+                config.clone()
+            }
+            _ => {
+                let config = tls::client_config(&trust, state.pinned_root(), Some(&credential))?;
+                cached = Some((credential.cert.to_vec(), trust, config.clone()));
+                config
+            }
+        };
 
         // One round: every connector in order.
         let mut retry_after: Option<Duration> = None;

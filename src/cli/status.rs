@@ -669,24 +669,6 @@ impl Metrics {
         it.peek()?;
         Some(it.map(|s| s.value).sum())
     }
-
-    /// `name{labels} value` for every sample whose name matches, without `fleetgate_`.
-    fn describe(&self, matches: impl Fn(&str) -> bool) -> Vec<String> {
-        self.samples
-            .iter()
-            .filter(|s| matches(&s.name))
-            .map(|s| {
-                let name = s.name.strip_prefix("fleetgate_").unwrap_or(&s.name);
-                let labels: Vec<String> =
-                    s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                if labels.is_empty() {
-                    format!("{name} {}", count(s.value))
-                } else {
-                    format!("{name}{{{}}} {}", labels.join(","), count(s.value))
-                }
-            })
-            .collect()
-    }
 }
 
 fn parse_sample(line: &str) -> Option<Sample> {

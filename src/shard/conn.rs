@@ -366,6 +366,9 @@ impl Conn {
                 &cx.stats.handshakes_tls12
             };
             ShardStats::inc(c);
+            if self.tls.resumed() {
+                ShardStats::inc(&cx.stats.handshakes_resumed);
+            }
         }
         if matches!(self.phase, Phase::Handshake) {
             self.phase = Phase::ExpectRequest {
@@ -868,8 +871,12 @@ impl Handler<'_> {
             };
         };
         let fingerprint: [u8; 32] = Sha256::digest(cert.as_ref()).into();
-        let unit_id: Box<str> = common_name(cert).unwrap_or_else(|| "?".into());
-        let refusal = if let Some(superseded) = self.revocations.reason(&fingerprint) {
+        let (unit_id, not_after) = identity(cert).unwrap_or_else(|| ("?".into(), i64::MAX));
+        // A resumed TLS session does not re-check the certificate's validity: do it here.
+        let expired = not_after < crate::registry::unix_now();
+        let refusal = if expired {
+            Some((Reason::CredentialExpired, None))
+        } else if let Some(superseded) = self.revocations.reason(&fingerprint) {
             Some((
                 if superseded {
                     Reason::CredentialSuperseded
@@ -1088,9 +1095,9 @@ fn close_code_for(retry_after_ms: Option<u64>) -> u16 {
     }
 }
 
-/// The subject common name of a (handshake-verified) certificate.
-fn common_name(cert: &CertificateDer<'_>) -> Option<Box<str>> {
+/// The subject common name and `notAfter` of a (handshake-verified) certificate.
+fn identity(cert: &CertificateDer<'_>) -> Option<(Box<str>, i64)> {
     let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let cn = c.subject().iter_common_name().next()?.as_str().ok()?;
-    Some(cn.into())
+    Some((cn.into(), c.validity().not_after.timestamp()))
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod device;
+pub mod dnsmasq;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -41,16 +42,11 @@ impl Gateway {
     ) -> Gateway {
         let data = dir.path().join("data");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(&data)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--enable-echo",
-                "--driver",
-                driver,
-            ])
+        cmd.arg("serve").arg("--data-dir").arg(&data);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--enable-echo", "--driver", driver])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
