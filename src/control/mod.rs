@@ -130,6 +130,12 @@ pub enum Job {
         /// The credential.
         fingerprint: Fingerprint,
     },
+    /// A device in register mode sent a malformed message (counted as a failed attempt of
+    /// its source, audited).
+    BadRegistration {
+        /// The peer address.
+        source: Option<IpAddr>,
+    },
     /// A session was refused by a shard (audit and metrics).
     SessionRefused {
         /// The unit ID (certificate CN).

@@ -229,6 +229,23 @@ impl Registrar {
                         }
                     }
                 }
+                Job::BadRegistration { source } => {
+                    // Audited unless the source is already throttled (garbage floods must not
+                    // turn into a disk-sync flood).
+                    let throttled =
+                        source.is_some_and(|ip| self.limiter.check(ip, Instant::now()).is_err());
+                    if let Some(ip) = source {
+                        self.limiter.record_failure(ip, Instant::now());
+                    }
+                    if !throttled {
+                        let _ = self.registry.record_refusal(
+                            None,
+                            source,
+                            Reason::BadRequest,
+                            unix_now(),
+                        );
+                    }
+                }
                 Job::Refresh => self.refresh(),
                 Job::Sessions(reply) => {
                     let mut v: Vec<LiveSession> =

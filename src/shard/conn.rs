@@ -149,6 +149,8 @@ pub enum Request {
     Register(Box<dev::Register>),
     /// A session was admitted: index it, tell the registrar.
     SessionUp,
+    /// A malformed registration message (throttling and audit).
+    BadRegistration,
     /// A session was refused (audit).
     SessionRefused {
         /// Certificate CN.
@@ -925,6 +927,7 @@ impl Handler<'_> {
     /// Register mode: the device sent something that is not a valid `register`.
     fn refuse_registration(&mut self, staged: &mut Vec<u8>) {
         self.onboarding.registration(Reason::BadRequest);
+        *self.request = Some(Request::BadRegistration);
         write_message(staged, &refused_message(Reason::BadRequest, None, false));
         let _ = ws::encode_close(staged, Some((dev::CLOSE_REFUSED, "refused")), None);
         if let Phase::Open(mut o) = std::mem::replace(self.phase, Phase::Draining) {

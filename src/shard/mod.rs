@@ -472,6 +472,7 @@ impl<D: Driver> Shard<D> {
                 self.sessions.insert(fp, key);
                 job
             }
+            Request::BadRegistration => Job::BadRegistration { source },
             Request::SessionRefused { unit_id, reason } => Job::SessionRefused {
                 unit_id,
                 source,
