@@ -5,5 +5,6 @@
 #![forbid(unsafe_code)]
 
 pub mod device;
+pub mod envelope;
 pub mod http;
 pub mod ws;
