@@ -133,23 +133,64 @@ impl IssuedDevice {
 /// certificate without key is an error ([`PkiError::NoCaKey`]), never silently replaced —
 /// devices hold certificates from it.
 pub fn ensure_device_ca(data_dir: &Path) -> Result<DeviceCa, PkiError> {
-    let dir = device_ca_dir(data_dir);
+    ensure_ca(data_dir, &DEVICE)
+}
+
+/// Which of the gateway's own client-certificate CAs.
+struct CaKind {
+    /// Directory under `DATA_DIR/pki/`.
+    dir: &'static str,
+    /// Common name prefix (the host name follows).
+    cn: &'static str,
+    /// The public copy in the data dir.
+    public: &'static str,
+}
+
+const DEVICE: CaKind = CaKind {
+    dir: "device-ca",
+    cn: "fleetgate device CA",
+    public: "device-ca.pem",
+};
+
+/// The management CA: it issues the client certificates of management servers
+/// (`fleetgate mgmt add`), kept apart from the device CA so that neither kind of certificate
+/// is accepted on the other's endpoint. Files as for the device CA, under
+/// `DATA_DIR/pki/mgmt-ca/` and `DATA_DIR/mgmt-ca.pem`.
+const MGMT: CaKind = CaKind {
+    dir: "mgmt-ca",
+    cn: "fleetgate management CA",
+    public: "mgmt-ca.pem",
+};
+
+/// [`ensure_device_ca`] for the management CA (see [`MGMT`]'s docs). [`DeviceCa::issue`]
+/// issues management client certificates (CN = the management server's name).
+pub fn ensure_mgmt_ca(data_dir: &Path) -> Result<DeviceCa, PkiError> {
+    ensure_ca(data_dir, &MGMT)
+}
+
+/// `DATA_DIR/pki/mgmt-ca/`.
+pub fn mgmt_ca_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("pki").join(MGMT.dir)
+}
+
+fn ensure_ca(data_dir: &Path, kind: &CaKind) -> Result<DeviceCa, PkiError> {
+    let dir = data_dir.join("pki").join(kind.dir);
     std::fs::create_dir_all(data_dir).map_err(|e| PkiError::io(data_dir, e))?;
     ensure_dir(&data_dir.join("pki"), MODE_PRIVATE_DIR)?;
     ensure_dir(&dir, MODE_PRIVATE_DIR)?;
-    let cert_path = device_ca_cert_path(data_dir);
-    let key_path = device_ca_key_path(data_dir);
+    let cert_path = dir.join("ca.pem");
+    let key_path = dir.join("ca.key");
     let ca = if cert_path.exists() {
         if !key_path.exists() {
             return Err(PkiError::NoCaKey {
-                name: "device-ca".into(),
+                name: kind.dir.into(),
             });
         }
         load(&cert_path, &key_path)?
     } else {
-        create(&cert_path, &key_path)?
+        create(&cert_path, &key_path, kind.cn)?
     };
-    let public = device_ca_pem_path(data_dir);
+    let public = data_dir.join(kind.public);
     let want = pem::cert_pem(&ca.cert);
     if std::fs::read(&public).ok().as_deref() != Some(want.as_bytes()) {
         write_atomic(&public, want.as_bytes(), MODE_PUBLIC)?;
@@ -157,14 +198,11 @@ pub fn ensure_device_ca(data_dir: &Path) -> Result<DeviceCa, PkiError> {
     Ok(ca)
 }
 
-fn create(cert_path: &Path, key_path: &Path) -> Result<DeviceCa, PkiError> {
+fn create(cert_path: &Path, key_path: &Path, cn: &str) -> Result<DeviceCa, PkiError> {
     let key = KeyType::EcdsaP256.generate()?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(
-        DnType::CommonName,
-        format!("fleetgate device CA {}", super::hostname()),
-    );
+    dn.push(DnType::CommonName, format!("{cn} {}", super::hostname()));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(RcBasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
