@@ -3,7 +3,7 @@
 //!
 //! Protocol: the client sends one JSON object on one line, the gateway answers one JSON object
 //! on one line and closes. Requests: `{"cmd":"status"}`, `{"cmd":"reload"}` (re-read the
-//! keystore now, like SIGHUP). Answers always carry `"ok": true|false`; failures carry
+//! keystore and the configuration file now, like SIGHUP). Answers always carry `"ok": true|false`; failures carry
 //! `"error"`. Only the owner of the data dir can connect (file mode), which is the
 //! authentication.
 //!
@@ -54,7 +54,7 @@ pub enum AdminError {
 pub enum Request {
     /// Health and counters.
     Status,
-    /// Re-read the keystore now.
+    /// Re-read the keystore and the configuration file now.
     Reload,
     /// Re-read the revoked device credentials now and close their sessions (after
     /// `fleetgate devices remove`).
@@ -115,6 +115,12 @@ pub struct Response {
     /// The connected devices (sessions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<Vec<crate::control::LiveSession>>,
+    /// Configuration keys changed and applied live (reload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<Vec<String>>,
+    /// Configuration keys changed that need a restart (reload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_needed: Option<Vec<String>>,
 }
 
 impl Response {

@@ -513,6 +513,91 @@ impl Config {
     }
 }
 
+/// The command-line flags of `fleetgate serve` that override the file: applied after every
+/// load, at start-up and when SIGHUP re-reads the file, so a reload never undoes a flag.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<SocketAddr>,
+    /// `--shards`
+    pub shards: Option<usize>,
+    /// `--driver`
+    pub driver: Option<DriverKind>,
+    /// `--enable-echo` (only ever turns the echo on)
+    pub enable_echo: bool,
+    /// `--data-dir` / `FLEETGATE_DATA_DIR`
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Overrides {
+    /// Sets the overridden fields of `config`.
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(l) = self.listen {
+            config.server.listen = l;
+        }
+        if let Some(s) = self.shards {
+            config.server.shards = s;
+        }
+        if let Some(d) = self.driver {
+            config.server.driver = d;
+        }
+        if self.enable_echo {
+            config.server.enable_echo = true;
+        }
+        if let Some(d) = &self.data_dir {
+            config.server.data_dir.clone_from(d);
+        }
+    }
+
+    /// Reads `path` (or takes the defaults when there is none), applies the overrides and
+    /// validates the result.
+    pub fn load(&self, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        self.apply(&mut config);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// The dotted keys (`limits.max_devices`, `mail.host`, `handout.gateways` …) whose values
+    /// differ between `self` and `other`, sorted. A whole table present in one and absent in
+    /// the other (`[mail]`) is one key.
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        fn walk(
+            prefix: &str,
+            a: Option<&toml::Value>,
+            b: Option<&toml::Value>,
+            out: &mut Vec<String>,
+        ) {
+            match (a, b) {
+                (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                    let keys: std::collections::BTreeSet<&String> =
+                        a.keys().chain(b.keys()).collect();
+                    for k in keys {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, a.get(k), b.get(k), out);
+                    }
+                }
+                (a, b) if a != b => out.push(prefix.to_owned()),
+                _ => {}
+            }
+        }
+        let a = toml::Value::try_from(self).ok();
+        let b = toml::Value::try_from(other).ok();
+        let mut out = Vec::new();
+        walk("", a.as_ref(), b.as_ref(), &mut out);
+        out
+    }
+}
+
 /// The 1-based line where `section.key` is set in `text`, if it is.
 fn line_of(text: &str, dotted: &str) -> Option<usize> {
     let (section, key) = dotted.split_once('.')?;
@@ -566,6 +651,38 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("tls.min_version"), "{err}");
+    }
+
+    #[test]
+    fn changed_keys_names_each_leaf() {
+        let a = Config::default();
+        assert!(a.changed_keys(&a.clone()).is_empty());
+        let b = Config::from_toml(
+            "[limits]\nmax_devices = 7\n[http]\nmax_headers = 40\n[mail]\nserver = \"m\"\nfrom = \"a@b\"\n",
+            "x".as_ref(),
+        )
+        .unwrap();
+        let keys = a.changed_keys(&b);
+        assert!(keys.contains(&"limits.max_devices".to_owned()), "{keys:?}");
+        assert!(keys.contains(&"http.max_headers".to_owned()), "{keys:?}");
+        assert!(keys.contains(&"mail".to_owned()), "{keys:?}");
+        assert_eq!(keys.len(), 3, "{keys:?}");
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[server]\nshards = 3\nlisten = \"127.0.0.1:9\"\n").unwrap();
+        let o = Overrides {
+            shards: Some(1),
+            data_dir: Some("/x".into()),
+            ..Overrides::default()
+        };
+        let c = o.load(Some(&path)).unwrap();
+        assert_eq!(c.server.shards, 1);
+        assert_eq!(c.server.listen.port(), 9);
+        assert_eq!(c.server.data_dir, PathBuf::from("/x"));
     }
 
     #[test]

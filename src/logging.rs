@@ -7,7 +7,9 @@
 //!   to that file; when a line would take it past `log.max_size_mb`, it is renamed to
 //!   `<file>.1` (`.1` → `.2` …, keeping `log.keep` old files) and a new file is started.
 //! * **What.** `log.level` is an EnvFilter: `info`, or per module
-//!   `warn,fleetgate::shard=debug,rustls=off`. A non-empty `RUST_LOG` overrides it.
+//!   `warn,fleetgate::shard=debug,rustls=off`. A non-empty `RUST_LOG` overrides it. The filter
+//!   can be replaced while the gateway runs ([`LevelHandle`], used when SIGHUP re-reads the
+//!   config); a `RUST_LOG` in effect still wins then.
 //! * **Never blocking a shard.** Lines go through a bounded queue (128 Ki lines) to a writer
 //!   thread; when the disk or the journal cannot keep up, lines are dropped and counted
 //!   ([`LogGuard::dropped_lines`]) instead of stalling the event loops.
@@ -22,6 +24,7 @@ use std::io::{self, IsTerminal as _, Write};
 use std::os::fd::AsFd as _;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use tracing::{Level, Subscriber};
@@ -39,6 +42,7 @@ use crate::config::LogConfig;
 pub struct LogGuard {
     _worker: WorkerGuard,
     dropped: ErrorCounter,
+    level: LevelHandle,
     /// Where lines go, for the start-up message.
     pub destination: String,
 }
@@ -48,13 +52,81 @@ impl LogGuard {
     pub fn dropped_lines(&self) -> usize {
         self.dropped.dropped_lines()
     }
+
+    /// A handle that replaces the installed filter (`log.level`) while the process runs.
+    pub fn level_handle(&self) -> LevelHandle {
+        self.level.clone()
+    }
+}
+
+/// Errors replacing the log filter at run time.
+#[derive(Debug, thiserror::Error)]
+pub enum LevelError {
+    /// The new `log.level` is not a valid filter.
+    #[error("log.level {level:?} is not a valid filter: {message}")]
+    Invalid {
+        /// The refused value.
+        level: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// The subscriber holding the filter is gone (the process is shutting down).
+    #[error("the log filter cannot be replaced: {0}")]
+    Gone(String),
+}
+
+/// What [`LevelHandle::set`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelChange {
+    /// The new filter is in force.
+    Applied,
+    /// `RUST_LOG` set the filter at start-up and still wins; nothing changed.
+    OverriddenByEnv,
+}
+
+type SetFilter = dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync;
+
+/// Replaces the filter of the installed subscriber (type-erased `reload::Handle`). Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct LevelHandle {
+    set: Arc<SetFilter>,
+    env_override: bool,
+}
+
+impl fmt::Debug for LevelHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LevelHandle")
+            .field("env_override", &self.env_override)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LevelHandle {
+    /// Installs `level` (EnvFilter syntax) as the filter, unless `RUST_LOG` chose the filter
+    /// at start-up. Events already being written are not affected.
+    pub fn set(&self, level: &str) -> Result<LevelChange, LevelError> {
+        let filter = EnvFilter::builder()
+            .parse(level)
+            .map_err(|e| LevelError::Invalid {
+                level: level.to_owned(),
+                message: e.to_string(),
+            })?;
+        if self.env_override {
+            return Ok(LevelChange::OverriddenByEnv);
+        }
+        (self.set)(filter).map_err(LevelError::Gone)?;
+        Ok(LevelChange::Applied)
+    }
 }
 
 /// Installs the global `tracing` subscriber described by `cfg` (see the module docs).
 /// Fails if the log file cannot be opened or a subscriber is already installed.
 pub fn init(cfg: &LogConfig) -> anyhow::Result<LogGuard> {
     let (filter, rust_log_error) = filter(cfg)?;
-    let (subscriber, guard) = build(cfg, filter)?;
+    let env_override = rust_log_in_effect(rust_log_error.is_some());
+    let (subscriber, mut guard) = build(cfg, filter)?;
+    guard.level.env_override = env_override;
     tracing::subscriber::set_global_default(subscriber).context("a logger is already installed")?;
     if let Some(e) = rust_log_error {
         tracing::warn!("RUST_LOG ignored ({e}); using log.level {:?}", cfg.level);
@@ -80,6 +152,11 @@ fn filter(cfg: &LogConfig) -> anyhow::Result<(EnvFilter, Option<String>)> {
     Ok((f, ignored))
 }
 
+/// True when `RUST_LOG` chose the filter (set, non-empty, and not refused).
+fn rust_log_in_effect(refused: bool) -> bool {
+    !refused && std::env::var(EnvFilter::DEFAULT_ENV).is_ok_and(|v| !v.trim().is_empty())
+}
+
 /// Builds the subscriber without installing it (tests use it with `with_default`).
 fn build(
     cfg: &LogConfig,
@@ -92,32 +169,46 @@ fn build(
         let journal = stderr_is_journal();
         let (writer, worker) = queue.finish(io::stderr());
         let destination = if journal { "journal" } else { "stderr" }.to_owned();
-        let sub = text_subscriber(filter, writer.clone(), io::stderr().is_terminal(), journal);
-        Ok((sub, guard(worker, &writer, destination)))
+        let (sub, level) =
+            text_subscriber(filter, writer.clone(), io::stderr().is_terminal(), journal);
+        Ok((sub, guard(worker, &writer, level, destination)))
     } else {
         let file = SizeRotatingFile::open(&cfg.file, cfg.max_size_bytes(), cfg.keep)
             .with_context(|| format!("log.file: cannot open {}", cfg.file.display()))?;
         let (writer, worker) = queue.finish(file);
         let destination = cfg.file.display().to_string();
-        let sub = text_subscriber(filter, writer.clone(), false, false);
-        Ok((sub, guard(worker, &writer, destination)))
+        let (sub, level) = text_subscriber(filter, writer.clone(), false, false);
+        Ok((sub, guard(worker, &writer, level, destination)))
     }
 }
 
-fn guard(worker: WorkerGuard, writer: &NonBlocking, destination: String) -> LogGuard {
+fn guard(
+    worker: WorkerGuard,
+    writer: &NonBlocking,
+    level: LevelHandle,
+    destination: String,
+) -> LogGuard {
     LogGuard {
         _worker: worker,
         dropped: writer.error_counter(),
+        level,
         destination,
     }
 }
 
+/// The fmt subscriber with a reloadable filter, and the handle that replaces the filter.
 fn text_subscriber(
     filter: EnvFilter,
     writer: NonBlocking,
     ansi: bool,
     journal: bool,
-) -> Box<dyn Subscriber + Send + Sync> {
+) -> (Box<dyn Subscriber + Send + Sync>, LevelHandle) {
+    fn handle<S: 'static>(h: tracing_subscriber::reload::Handle<EnvFilter, S>) -> LevelHandle {
+        LevelHandle {
+            set: Arc::new(move |f: EnvFilter| h.reload(f).map_err(|e| e.to_string())),
+            env_override: false,
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -129,9 +220,15 @@ fn text_subscriber(
             .with_level(false)
             .with_target(false)
             .with_ansi(false);
-        Box::new(builder.event_format(JournalFormat(inner)).finish())
+        let builder = builder
+            .event_format(JournalFormat(inner))
+            .with_filter_reloading();
+        let level = handle(builder.reload_handle());
+        (Box::new(builder.finish()), level)
     } else {
-        Box::new(builder.finish())
+        let builder = builder.with_filter_reloading();
+        let level = handle(builder.reload_handle());
+        (Box::new(builder.finish()), level)
     }
 }
 
@@ -372,22 +469,23 @@ mod tests {
         assert!(new.len() > 600 << 10 && new.len() < 700 << 10);
     }
 
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn journal_lines_carry_the_priority() {
-        #[derive(Clone, Default)]
-        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl Write for Buf {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
         let buf = Buf::default();
         let (writer, worker) = NonBlocking::new(buf.clone());
-        let sub = text_subscriber(EnvFilter::new("debug"), writer, false, true);
+        let (sub, _) = text_subscriber(EnvFilter::new("debug"), writer, false, true);
         tracing::subscriber::with_default(sub, || {
             tracing::warn!(device = "d1", "Max connections limit has exceeded");
             tracing::debug!("detail");
@@ -398,6 +496,31 @@ mod tests {
             out,
             "<4>Max connections limit has exceeded device=\"d1\"\n<7>detail\n"
         );
+    }
+
+    #[test]
+    fn the_level_handle_replaces_the_filter() {
+        let buf = Buf::default();
+        let (writer, worker) = NonBlocking::new(buf.clone());
+        let (sub, level) = text_subscriber(EnvFilter::new("info"), writer, false, false);
+        tracing::subscriber::with_default(sub, || {
+            tracing::debug!("hidden at info");
+            assert_eq!(level.set("debug").unwrap(), LevelChange::Applied);
+            tracing::debug!("shown at debug");
+            let err = level.set("info,x=loud").unwrap_err().to_string();
+            assert!(err.starts_with("log.level"), "{err}");
+            tracing::debug!("still debug after a refused filter");
+        });
+        drop(worker);
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(!out.contains("hidden"), "{out}");
+        assert!(out.contains("shown at debug"), "{out}");
+        assert!(out.contains("still debug"), "{out}");
+        let pinned = LevelHandle {
+            env_override: true,
+            ..level
+        };
+        assert_eq!(pinned.set("warn").unwrap(), LevelChange::OverriddenByEnv);
     }
 
     #[test]

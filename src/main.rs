@@ -31,7 +31,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the gateway in the foreground until SIGTERM/SIGINT (SIGHUP re-reads the keystore).
+    /// Run the gateway in the foreground until SIGTERM/SIGINT (SIGHUP re-reads the keystore
+    /// and the config file).
     ///
     /// Routes on the one TLS port: GET /usg/check-status (JSON health), GET /metrics
     /// (Prometheus), WebSocket upgrades on /usg/endpoint (devices) and /usg/management
@@ -50,8 +51,9 @@ enum Command {
     Status(fleetgate::cli::status::StatusArgs),
     /// Memory, CPU and file-descriptor budget for a fleet.
     Sizing(fleetgate::cli::sizing::SizingArgs),
-    /// Make the gateway running on this data dir re-read its keystore now (through
-    /// DATA_DIR/admin.sock; the same as SIGHUP). Exit 0 when installed, 1 when refused.
+    /// Make the gateway running on this data dir re-read its keystore and configuration file
+    /// now (through DATA_DIR/admin.sock; the same as SIGHUP). Exit 0 when both were taken, 1
+    /// when either was refused (the gateway then keeps the old one).
     Reload,
     /// The device registry (SQLite): online backup, schema migration.
     #[command(subcommand)]
@@ -117,25 +119,23 @@ fn load_config(path: Option<&PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Res
     Ok(config)
 }
 
-fn serve(args: ServeArgs, mut config: Config) -> anyhow::Result<()> {
-    if let Some(l) = args.listen {
-        config.server.listen = l;
-    }
-    if let Some(s) = args.shards {
-        config.server.shards = s;
-    }
-    if let Some(d) = args.driver {
-        config.server.driver = d;
-    }
-    if args.enable_echo {
-        config.server.enable_echo = true;
-    }
-    config.validate()?;
-    let _log = fleetgate::logging::init(&config.log)?;
+fn serve(args: ServeArgs, path: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let overrides = fleetgate::config::Overrides {
+        listen: args.listen,
+        shards: args.shards,
+        driver: args.driver,
+        enable_echo: args.enable_echo,
+        data_dir,
+    };
+    let config = overrides.load(path.as_deref())?;
+    let log = fleetgate::logging::init(&config.log)?;
     let listen = config.server.listen;
-    let running = fleetgate::server::start(config)
+    let mut running = fleetgate::server::start(config)
         .with_context(|| format!("cannot start the gateway on {listen}"))?;
+    // SIGHUP and `fleetgate reload` re-read the same file with the same flags.
+    running.set_config_source(path, overrides, Some(log.level_handle()));
     running.run_until_signalled()?;
+    drop(log);
     Ok(())
 }
 
@@ -160,9 +160,7 @@ fn registry_command(cmd: RegistryCommand, data_dir: &std::path::Path) -> anyhow:
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => load_config(cli.config.as_ref(), cli.data_dir)
-            .and_then(|c| serve(args, c))
-            .map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve(args, cli.config, cli.data_dir).map(|()| ExitCode::SUCCESS),
         Command::Pki(cmd) => load_config(cli.config.as_ref(), cli.data_dir)
             .and_then(|c| fleetgate::cli::pki::run(cmd, &c.server.data_dir)),
         Command::Keys(cmd) => load_config(cli.config.as_ref(), cli.data_dir).and_then(|c| {
@@ -180,13 +178,21 @@ fn main() -> ExitCode {
             let answer =
                 fleetgate::admin::request(&c.server.data_dir, &fleetgate::admin::Request::Reload)?;
             if answer.ok {
-                eprintln!("keystore re-read and installed");
+                eprintln!("keystore and configuration re-read");
+                let applied = answer.applied.unwrap_or_default();
+                if !applied.is_empty() {
+                    eprintln!("applied: {}", applied.join(", "));
+                }
+                let restart = answer.restart_needed.unwrap_or_default();
+                if !restart.is_empty() {
+                    eprintln!(
+                        "warning: changed but take effect only after a restart: {}",
+                        restart.join(", ")
+                    );
+                }
                 Ok(ExitCode::SUCCESS)
             } else {
-                eprintln!(
-                    "error: the gateway kept its current keystore: {}",
-                    answer.error.unwrap_or_default()
-                );
+                eprintln!("error: {}", answer.error.unwrap_or_default());
                 Ok(ExitCode::FAILURE)
             }
         }),

@@ -98,6 +98,8 @@ pub struct Running {
     /// The registrar's inbox (admin requests) and its thread.
     jobs: Sender<Job>,
     registrar: Option<JoinHandle<()>>,
+    /// What SIGHUP re-reads besides the keystore ([`Running::set_config_source`]).
+    config_source: Option<ConfigSource>,
 }
 
 impl std::fmt::Debug for Running {
@@ -380,6 +382,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         tickets,
         jobs: jobs_tx,
         registrar: Some(registrar),
+        config_source: None,
     };
     running.recompute_status();
     tracing::info!(
@@ -617,16 +620,22 @@ impl Running {
                     Err(_) => crate::admin::Response::failed("the registrar did not answer"),
                 }
             }
-            crate::admin::Request::Reload => match self.reload_keystore() {
-                Ok(()) => crate::admin::Response {
-                    ok: true,
-                    ..Default::default()
-                },
-                Err(e) => {
+            crate::admin::Request::Reload => {
+                let keystore = self.reload_keystore().map_err(|e| {
                     tracing::error!("keystore reload (admin socket) failed: {e}");
-                    crate::admin::Response::failed(e)
+                    format!("keystore not reloaded: {e}")
+                });
+                match (keystore, self.reload_config()) {
+                    (Ok(()), Ok(r)) => crate::admin::Response {
+                        ok: true,
+                        applied: Some(r.applied),
+                        restart_needed: Some(r.restart_needed),
+                        ..Default::default()
+                    },
+                    (Err(e), Ok(_)) | (Ok(()), Err(e)) => crate::admin::Response::failed(e),
+                    (Err(k), Err(c)) => crate::admin::Response::failed(format!("{k}; {c}")),
                 }
-            },
+            }
         });
     }
 
@@ -653,10 +662,11 @@ impl Running {
         }
     }
 
-    /// The control loop: runs until SIGTERM or SIGINT, then shuts down. SIGHUP re-reads the
-    /// keystore; so does a change of the keystore file (checked every
-    /// `server.keystore_poll_ms`) and `fleetgate reload` (admin socket). The status is
-    /// recomputed every `status.interval_secs`.
+    /// The control loop: runs until SIGTERM or SIGINT, then shuts down. SIGHUP and
+    /// `fleetgate reload` (admin socket) re-read the keystore and the configuration file
+    /// ([`Running::reload_config`]); a change of the keystore file (checked every
+    /// `server.keystore_poll_ms`) re-reads the keystore. The status is recomputed every
+    /// `status.interval_secs`.
     pub fn run_until_signalled(self) -> std::io::Result<()> {
         let term = Arc::new(AtomicBool::new(false));
         let hup = Arc::new(AtomicBool::new(false));
@@ -670,8 +680,8 @@ impl Running {
         while !term.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(20));
             let now = Instant::now();
-            let reload =
-                hup.swap(false, Ordering::Relaxed) || (now >= next_poll && self.keystore_changed());
+            let sighup = hup.swap(false, Ordering::Relaxed);
+            let reload = sighup || (now >= next_poll && self.keystore_changed());
             if now >= next_poll {
                 next_poll = now + poll_every;
             }
@@ -679,6 +689,10 @@ impl Running {
                 if let Err(e) = self.reload_keystore() {
                     tracing::error!("keystore reload failed, keeping the current one: {e}");
                 }
+            }
+            if sighup {
+                // Errors are logged by reload_config.
+                let _ = self.reload_config();
             }
             if now >= next_status {
                 next_status = now + status_every;
@@ -691,6 +705,114 @@ impl Running {
         self.shutdown();
         tracing::info!("stopped in {:.0} ms", t.elapsed().as_secs_f64() * 1000.0);
         Ok(())
+    }
+}
+
+/// Where the configuration came from, so SIGHUP can read it again: the file, the command-line
+/// overrides, the log filter handle, and the configuration in force.
+#[derive(Debug)]
+struct ConfigSource {
+    path: Option<PathBuf>,
+    overrides: crate::config::Overrides,
+    level: Option<crate::logging::LevelHandle>,
+    /// The values in force: the start-up configuration with every key applied live since.
+    current: Mutex<Config>,
+}
+
+/// What [`Running::reload_config`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigReload {
+    /// Changed keys now in force (`limits.max_devices`, `log.level`).
+    pub applied: Vec<String>,
+    /// Changed keys that take effect only after a restart.
+    pub restart_needed: Vec<String>,
+}
+
+impl Running {
+    /// Tells the gateway which file it was started with (`None`: defaults only), the
+    /// command-line overrides to re-apply on every reload, and the handle that changes the
+    /// log filter. Without this, SIGHUP re-reads only the keystore.
+    pub fn set_config_source(
+        &mut self,
+        path: Option<PathBuf>,
+        overrides: crate::config::Overrides,
+        level: Option<crate::logging::LevelHandle>,
+    ) {
+        self.config_source = Some(ConfigSource {
+            path,
+            overrides,
+            level,
+            current: Mutex::new(self.config.clone()),
+        });
+    }
+
+    /// Re-reads the configuration file, re-applies the command-line overrides and validates
+    /// the result. A valid file: changed keys that can change live are applied
+    /// (`limits.max_devices`, as with [`Running::set_device_limit`]; `log.level`, unless
+    /// `RUST_LOG` is set), every other changed key is named in one WARN as needing a restart;
+    /// connections are not touched. An invalid file: logged at ERROR (key and line), nothing
+    /// changes, and the message is returned.
+    pub fn reload_config(&self) -> Result<ConfigReload, String> {
+        let Some(src) = &self.config_source else {
+            return Ok(ConfigReload::default());
+        };
+        let shown = src.path.as_ref().map_or_else(
+            || "(no file: defaults)".to_owned(),
+            |p| p.display().to_string(),
+        );
+        let new = match src.overrides.load(src.path.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = format!("configuration not reloaded, keeping the current one: {e}");
+                tracing::error!("{msg}");
+                return Err(msg);
+            }
+        };
+        let mut current = src.current.lock().expect("not poisoned");
+        let mut out = ConfigReload::default();
+        for key in current.changed_keys(&new) {
+            match key.as_str() {
+                "limits.max_devices" => {
+                    self.set_device_limit(new.limits.max_devices);
+                    current.limits.max_devices = new.limits.max_devices;
+                    out.applied.push(key);
+                }
+                "log.level" => {
+                    use crate::logging::LevelChange;
+                    match src.level.as_ref().map(|h| h.set(&new.log.level)) {
+                        Some(Ok(LevelChange::Applied)) => {
+                            current.log.level.clone_from(&new.log.level);
+                            tracing::info!("log.level {:?} in force", new.log.level);
+                            out.applied.push(key);
+                        }
+                        Some(Ok(LevelChange::OverriddenByEnv)) => tracing::warn!(
+                            "log.level changed to {:?}, but RUST_LOG is set and wins; \
+                             unset RUST_LOG and restart to use log.level",
+                            new.log.level
+                        ),
+                        Some(Err(e)) => tracing::error!("{e}"),
+                        None => out.restart_needed.push(key),
+                    }
+                }
+                _ => out.restart_needed.push(key),
+            }
+        }
+        if !out.restart_needed.is_empty() {
+            tracing::warn!(
+                "configuration {shown}: {} changed but take effect only after a restart \
+                 (systemctl restart fleetgate); the old values stay in force",
+                out.restart_needed.join(", ")
+            );
+        }
+        tracing::info!(
+            "configuration {shown} re-read: {}",
+            if out.applied.is_empty() {
+                "nothing to change live".to_owned()
+            } else {
+                format!("applied {}", out.applied.join(", "))
+            }
+        );
+        Ok(out)
     }
 }
 

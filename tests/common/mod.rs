@@ -40,6 +40,18 @@ impl Gateway {
         config: Option<&str>,
         extra: &[&str],
     ) -> Gateway {
+        Self::start_with_env(dir, driver, config, extra, &[])
+    }
+
+    /// [`Gateway::start_in`] with extra environment variables, set after the defaults
+    /// (`("RUST_LOG", "")` lets `log.level` from the config apply).
+    pub fn start_with_env(
+        dir: tempfile::TempDir,
+        driver: &str,
+        config: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let data = dir.path().join("data");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
         cmd.arg("serve").arg("--data-dir").arg(&data);
@@ -49,6 +61,7 @@ impl Gateway {
         cmd.args(["--enable-echo", "--driver", driver])
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
