@@ -237,7 +237,7 @@ pub struct LimitsConfig {
     /// Most device sessions (authenticated devices) connected at once, all shards together.
     /// 0 (the default) = unlimited. A device over the limit is refused with `limit_reached`
     /// and the WARN line `Max connections limit has exceeded. Device [<unit>] is rejected`.
-    /// Changeable at run time (`fleetgate limit set N`).
+    /// Changeable at run time (`fleetgate devices limit N`, or a reload of this file).
     pub max_devices: u64,
     /// The retry hint given to a device refused by `max_devices`, in seconds: the device is
     /// told to wait a random time between half and one and a half times this. Default 60:
@@ -317,7 +317,8 @@ impl Default for StatusConfig {
 pub struct LogConfig {
     /// Log filter in `tracing` EnvFilter syntax: a default level, then per-module overrides,
     /// e.g. `info` or `warn,fleetgate::shard=debug,rustls=off`. Levels: `off`, `error`, `warn`,
-    /// `info`, `debug`, `trace`. `RUST_LOG` overrides it. Default `info`.
+    /// `info`, `debug`, `trace`. `RUST_LOG` overrides it. Default `info`. Applied on reload
+    /// (SIGHUP) too.
     pub level: String,
     /// Log file. Empty (the default): log to stderr, which journald collects under systemd
     /// (with each line's priority, so `journalctl -p warning` works). A path: append to that

@@ -55,16 +55,16 @@ pub struct Figures {
 /// The one table of figures `fleetgate sizing` uses.
 pub const FIGURES: Figures = Figures {
     heap_per_idle_device: Figure {
-        what: "heap + slab slot per idle TLS WebSocket",
-        value: 2539.0,
+        what: "heap + slab slot per idle registered device",
+        value: 3134.0,
         unit: "bytes",
-        source: "`cargo bench --bench idle_memory`, TLS 1.3: 1,163 B heap + 1,376 B slot (docs/benchmarks.md, \"In-process: the connection's own state\")",
+        source: "`cargo bench --bench idle_memory`, TLS 1.3 with the device certificate (mutual TLS session): 1,678 B heap + 1,456 B slot; an anonymous WebSocket: 2,539 B (docs/benchmarks.md, \"In-process: the connection's own state\")",
     },
     rss_per_idle_device: Figure {
         what: "process RSS growth per idle device",
-        value: 4286.0,
+        value: 4931.0,
         unit: "bytes",
-        source: "`loadtest idle`, the highest of three runs: 4,121 B at 100k devices (io_uring), 4,196 B (epoll), 4,286 B (io_uring, 2 shards) (docs/benchmarks.md, \"Whole process: RSS growth per idle device\")",
+        source: "`loadtest idle`, the highest of three runs (anonymous devices): 4,286 B (io_uring, 2 shards; 4,121 B at 100k, 4,196 B epoll), plus what a registered session adds in `idle_memory` (3,134 − 2,539 = 595 B) and ≈ 50 B for the shard's fingerprint index (docs/benchmarks.md, \"Whole process: RSS growth per idle device\" and \"In-process\"); to be replaced by a `loadtest idle` run with registered devices",
     },
     kernel_per_idle_socket: Figure {
         what: "kernel memory per idle TCP connection",
@@ -423,7 +423,7 @@ mod tests {
         let b = budget(100_000, 1, 10, 256 << 10, 2, &cfg);
         assert_eq!(b.connections, 100_001);
         assert_eq!(b.recv_buffers, 2.0 * 512.0 * 16896.0);
-        assert_eq!(b.devices, 100_000.0 * 4286.0);
+        assert_eq!(b.devices, 100_000.0 * 4931.0);
         assert_eq!(b.transfers, 10.0 * 256.0 * 1024.0);
         assert_eq!(b.per_shard, 60_001);
         assert_eq!(b.nofile_epoll, 100_001 + SPARE_FDS);
