@@ -8,8 +8,9 @@
 //! Exit codes (Nagios plugin conventions, usable as a check command as is):
 //! **0** `ok`; **1** `warn` (no management server connected) or `init` (still starting);
 //! **2** `err`, an unexpected answer, or the gateway is unreachable (the reason is printed:
-//! refused, timeout, certificate not trusted …). Metrics that cannot be read do not change
-//! the exit code; the summary says why they are missing.
+//! refused, timeout, certificate not trusted …) or the check cannot be made (no root
+//! certificate to trust, an unreadable config file; the reason goes to stderr). Metrics that
+//! cannot be read do not change the exit code; the summary says why they are missing.
 
 #![forbid(unsafe_code)]
 
@@ -63,10 +64,21 @@ pub struct StatusArgs {
 
 /// Runs `fleetgate status`: prints the summary on stdout and returns the exit code.
 /// `data_dir` is the global `--data-dir` (if given).
+///
+/// When the check cannot even be made (no root certificate to trust, a bad config file), the
+/// reason goes to stderr and the exit code is 2: a probe that cannot check must not pass for
+/// `warn`.
 pub fn run(args: StatusArgs, data_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let report = probe(&args, data_dir)?;
-    print!("{}", report.render());
-    Ok(ExitCode::from(report.exit_code()))
+    match probe(&args, data_dir) {
+        Ok(report) => {
+            print!("{}", report.render());
+            Ok(ExitCode::from(report.exit_code()))
+        }
+        Err(e) => {
+            eprintln!("fleetgate status: cannot check: {e:#}");
+            Ok(ExitCode::from(EXIT_ERR))
+        }
+    }
 }
 
 /// What the probe found.
