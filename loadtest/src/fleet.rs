@@ -78,6 +78,11 @@ impl FleetContext {
     }
 }
 
+/// Whether the TLS handshake of `ws` resumed an earlier session.
+pub fn resumed(ws: &Ws) -> bool {
+    ws.get_ref().get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+}
+
 /// Why an attempt did not get what it wanted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {

@@ -49,7 +49,13 @@ pub enum Job {
         max_attempts: u32,
     },
     /// Connect with stored credentials and stay connected, reconnecting with backoff.
-    Reconnect { creds: PathBuf },
+    Reconnect {
+        creds: PathBuf,
+        /// Keep each device's TLS client configuration (and its session tickets) across
+        /// reconnects and resume, as the fleetgate agent does.
+        #[serde(default)]
+        resume: bool,
+    },
 }
 
 /// Parent → worker.
@@ -172,6 +178,8 @@ pub struct FleetProgress {
     pub connected: u64,
     /// `reconnect`: devices that had at least one session.
     pub first_sessions: u64,
+    /// Sessions whose TLS handshake was a resumption.
+    pub resumed: u64,
     /// `reconnect`: sessions that ended without us closing them.
     pub lost: u64,
     /// `reconnect`: connected now with a session whose connect started after `mark`.
@@ -182,6 +190,10 @@ pub struct FleetProgress {
     /// Refusals by reason code.
     pub refusals: BTreeMap<String, u64>,
     pub errors: FailCounts,
+    /// Timeouts by the step that did not finish (`TCP connect`, `TLS handshake`,
+    /// `WebSocket upgrade`, `hello`, …).
+    #[serde(default)]
+    pub timeouts: BTreeMap<String, u64>,
 }
 
 /// A worker's final figures.
@@ -209,6 +221,9 @@ pub struct FleetResult {
     pub last_loss_ms: Option<u64>,
     /// `reconnect`: connect attempts per device after `mark`, (value, count) pairs.
     pub attempts_after_mark: Vec<(u64, u64)>,
+    /// CPU seconds the worker used (user + system), start to finish.
+    #[serde(default)]
+    pub cpu_secs: f64,
 }
 
 /// Milliseconds since the Unix epoch: the clock the parent and its workers share.

@@ -89,6 +89,7 @@ enum Inputs {
     },
     Reconnect {
         creds: Vec<(String, Arc<CertifiedKey>)>,
+        resume: bool,
     },
 }
 
@@ -103,14 +104,17 @@ fn load_inputs(config: &FleetConfig) -> anyhow::Result<Inputs> {
             prefix: unit_prefix.clone(),
             max_attempts: (*max_attempts).max(1),
         },
-        Job::Reconnect { creds } => {
+        Job::Reconnect { creds, resume } => {
             let list = crate::creds::read_slice(creds, config.first_device, config.devices)?;
             let mut out = Vec::with_capacity(list.len());
             for cred in list {
                 let (chain, key) = cred.decode()?;
                 out.push((cred.unit_id, crate::tls::certified_key(chain, &key)?));
             }
-            Inputs::Reconnect { creds: out }
+            Inputs::Reconnect {
+                creds: out,
+                resume: *resume,
+            }
         }
     })
 }
@@ -244,10 +248,8 @@ async fn run(config: FleetConfig) -> ExitCode {
         let secs = stats.borrow().last_done.as_secs_f64();
         send(&FleetReport::RampDone { secs });
     }
-    if matches!(&*inputs, Inputs::Reconnect { .. }) {
-        let _ = stop_rx.wait_for(|p| *p == Phase::Stop).await;
-    }
-    // Register devices end by themselves; sessions close with 1000 on `stop`.
+    // Sessions stay open until `stop`, then close with 1000.
+    let _ = stop_rx.wait_for(|p| *p == Phase::Stop).await;
     let drain = ctx.handshake_timeout + ctx.close_timeout + Duration::from_secs(2);
     let drained = timeout(drain, async {
         while devices.join_next().await.is_some() {}
@@ -303,7 +305,7 @@ impl Device {
 
 /// `register`: key pair + CSR, register without a client certificate, then one session
 /// with the new credential ("connection ready"), then close.
-async fn register_device(mut d: Device, inputs: Rc<Inputs>, _permit: OwnedSemaphorePermit) {
+async fn register_device(mut d: Device, inputs: Rc<Inputs>, permit: OwnedSemaphorePermit) {
     let Inputs::Register {
         keys,
         prefix,
@@ -372,15 +374,37 @@ async fn register_device(mut d: Device, inputs: Rc<Inputs>, _permit: OwnedSemaph
         }
         .await;
         let retry_after = match result {
-            Ok(ws) => {
+            Ok(mut ws) => {
                 let (_, cert) = credential.take().expect("registered before ready");
-                d.stats.borrow_mut().ready(started.elapsed());
+                {
+                    let mut s = d.stats.borrow_mut();
+                    s.ready(started.elapsed());
+                    s.progress.connected += 1;
+                }
                 send(&FleetReport::Credential(Credential {
                     unit_id: unit_id.clone(),
                     key: identity.key.serialize_pem(),
                     cert,
                 }));
-                fleet::close_in_background(ws, d.ctx.close_timeout);
+                drop(permit);
+                // Stay connected, as an agent does after "connection ready", until the run
+                // ends: closing now would put the close handshakes into the measurement.
+                let end = hold(&mut ws, &mut d.phase, d.ctx.close_timeout).await;
+                let mut s = d.stats.borrow_mut();
+                s.progress.connected -= 1;
+                match end {
+                    HoldEnd::Stopped => {}
+                    HoldEnd::Lost(message) => {
+                        s.progress.lost += 1;
+                        s.sample("lost", &message);
+                    }
+                    HoldEnd::Refused {
+                        reason, message, ..
+                    } => {
+                        s.progress.lost += 1;
+                        s.refusal(&reason, &message);
+                    }
+                }
                 return;
             }
             Err(Failure::Refused {
@@ -430,10 +454,17 @@ async fn session_device(
     mark: Rc<Cell<Option<u64>>>,
     permit: OwnedSemaphorePermit,
 ) {
-    let Inputs::Reconnect { creds } = &*inputs else {
+    let Inputs::Reconnect { creds, resume } = &*inputs else {
         return;
     };
     let (unit_id, certified) = &creds[d.index];
+    // With --tls-resume one configuration for the device's whole life, so that its session
+    // cache carries tickets from one connection to the next.
+    let kept = resume.then(|| {
+        let mut config = (*d.ctx.with_credential(certified.clone())).clone();
+        config.resumption = rustls::client::Resumption::in_memory_sessions(2);
+        Arc::new(config)
+    });
     let source = crate::sources::source_for(&d.ctx.sources, d.id);
     let mut permit = Some(permit);
     let mut attempt = 0u32;
@@ -453,7 +484,9 @@ async fn session_device(
         d.stats.borrow_mut().progress.attempts += 1;
         let started = Instant::now();
         let deadline = started + d.ctx.handshake_timeout;
-        let config = d.ctx.with_credential(certified.clone());
+        let config = kept
+            .clone()
+            .unwrap_or_else(|| d.ctx.with_credential(certified.clone()));
         let mut phase = d.phase.clone();
         let result = tokio::select! {
             r = async {
@@ -480,6 +513,9 @@ async fn session_device(
                     let mut s = d.stats.borrow_mut();
                     record_duration(&mut s.session_us, started.elapsed());
                     s.progress.connected += 1;
+                    if fleet::resumed(&ws) {
+                        s.progress.resumed += 1;
+                    }
                     if !had_session {
                         had_session = true;
                         s.progress.first_sessions += 1;
@@ -620,6 +656,24 @@ async fn drain(ws: &mut Ws, limit: Duration) {
     .await;
 }
 
+/// The step a timeout message names: "TLS handshake did not finish …" → "TLS handshake",
+/// "no hello (mode session) within …" → "hello (mode session)".
+fn timeout_step(message: &str) -> String {
+    if let Some((step, _)) = message.split_once(" did not finish") {
+        return step.split(" to ").next().unwrap_or(step).to_owned();
+    }
+    if let Some(rest) = message.strip_prefix("no ")
+        && let Some((step, _)) = rest.split_once(" within")
+    {
+        return step.to_owned();
+    }
+    message
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A worker's running figures.
 struct Stats {
     zero: Instant,
@@ -674,6 +728,13 @@ impl Stats {
 
     fn fail(&mut self, kind: FailKind, message: &str) {
         self.progress.errors.add(kind);
+        if kind == FailKind::Timeout {
+            *self
+                .progress
+                .timeouts
+                .entry(timeout_step(message))
+                .or_default() += 1;
+        }
         let key = serde_json::to_value(kind)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -735,6 +796,28 @@ impl Stats {
             first_loss_ms: self.first_loss_ms,
             last_loss_ms: self.last_loss_ms,
             attempts_after_mark: wire::encode_histogram(&self.attempts_after_mark),
+            cpu_secs: crate::sys::own_cpu_secs(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_keyed_by_step() {
+        assert_eq!(
+            timeout_step("TCP connect to 127.0.0.1:8443 did not finish within 10 s"),
+            "TCP connect"
+        );
+        assert_eq!(
+            timeout_step("TLS handshake did not finish within 10 s"),
+            "TLS handshake"
+        );
+        assert_eq!(
+            timeout_step("no hello (mode session) within the handshake timeout"),
+            "hello (mode session)"
+        );
     }
 }

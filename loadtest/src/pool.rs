@@ -453,11 +453,15 @@ pub fn add_progress(t: &mut FleetProgress, p: &FleetProgress) {
     t.connected += p.connected;
     t.first_sessions += p.first_sessions;
     t.lost += p.lost;
+    t.resumed += p.resumed;
     t.reauthed += p.reauthed;
     for (reason, n) in &p.refusals {
         *t.refusals.entry(reason.clone()).or_default() += n;
     }
     t.errors.merge(&p.errors);
+    for (step, n) in &p.timeouts {
+        *t.timeouts.entry(step.clone()).or_default() += n;
+    }
 }
 
 /// A progress bar on a terminal, hidden otherwise (then callers print a line now and then).
@@ -497,6 +501,7 @@ mod tests {
         .a;
         let job = Job::Reconnect {
             creds: "/tmp/c".into(),
+            resume: false,
         };
         let p = plan(
             &a,

@@ -67,6 +67,10 @@ pub struct ReconnectArgs {
     /// Seconds to wait for every device's first session before the restart
     #[arg(long, value_parser = crate::plan::parse_secs, default_value = "600")]
     pub connect_timeout: f64,
+    /// Resume TLS sessions across reconnects (each device keeps its session tickets, as the
+    /// fleetgate agent does); default: a full handshake every time, the worst case
+    #[arg(long)]
+    pub tls_resume: bool,
     /// Seconds to keep everyone connected after the storm (to see that sessions stay up)
     #[arg(long, value_parser = crate::plan::parse_secs, default_value = "0")]
     pub hold: f64,
@@ -98,9 +102,13 @@ pub struct ReconnectSummary {
     pub session_ms: Latency,
     /// Connect attempts per device after the restart began (1 = came back at the first try).
     pub attempts_per_device: Latency,
+    /// Sessions (whole run) whose TLS handshake resumed an earlier one (`--tls-resume`).
+    pub resumed_sessions: u64,
     pub refusals: BTreeMap<String, u64>,
     /// Whole run; `connect` includes the refusals while the gateway was down (expected).
     pub errors: FailCounts,
+    /// `errors.timeout` by the step that did not finish in time.
+    pub timeouts_by_step: BTreeMap<String, u64>,
     pub error_samples: BTreeMap<String, String>,
     pub gateway_rss_bytes: Option<u64>,
     pub generator_rss_bytes: u64,
@@ -130,6 +138,7 @@ pub struct ReconnectSetup {
     pub backoff_cap_ms: u64,
     pub concurrency_first_connect: usize,
     pub handshake_timeout_secs: f64,
+    pub tls_resume: bool,
     pub initial_connect_secs: f64,
     pub interrupted: bool,
 }
@@ -156,6 +165,7 @@ fn run(args: ReconnectArgs) -> Result<ExitCode> {
     }
     let job = Job::Reconnect {
         creds: std::fs::canonicalize(&args.creds)?,
+        resume: args.tls_resume,
     };
     let max_runtime =
         (args.connect_timeout + args.restart_wait * 2.0 + args.storm_timeout + args.hold + 300.0)
@@ -163,7 +173,9 @@ fn run(args: ReconnectArgs) -> Result<ExitCode> {
     let plan = pool::plan(
         &args.fleet,
         devices,
-        pool::workers_for_descriptors(devices),
+        // Descriptors, and at least one worker per CPU: the storm is CPU-bound in the
+        // generator too (a single-threaded worker makes every ClientHello in turn).
+        pool::workers_for_descriptors(devices).max(pool::cpus()),
         job,
         max_runtime,
         fd_limit,
@@ -694,8 +706,10 @@ fn summarize(
         downtime_ms: summary::latency_ms(&downtime),
         session_ms: summary::latency_ms(&session),
         attempts_per_device: attempts_latency,
+        resumed_sessions: total.resumed,
         refusals: total.refusals,
         errors: total.errors,
+        timeouts_by_step: total.timeouts,
         error_samples: samples,
         gateway_rss_bytes: gateway_rss,
         generator_rss_bytes: generator_rss,
@@ -707,6 +721,7 @@ fn summarize(
             backoff_cap_ms: first.backoff.cap_ms,
             concurrency_first_connect: first.concurrency * plan.workers.len(),
             handshake_timeout_secs: args.fleet.handshake_timeout,
+            tls_resume: args.tls_resume,
             initial_connect_secs: summary::round2(initial_connect.as_secs_f64()),
             interrupted: pool.interrupted,
         },
@@ -744,7 +759,10 @@ fn print_human(s: &ReconnectSummary) {
     if !s.refusals.is_empty() {
         eprintln!("loadtest: refusals: {:?}", s.refusals);
     }
-    eprintln!("loadtest: errors: {:?}", s.errors);
+    eprintln!(
+        "loadtest: errors: {:?}; timeouts by step: {:?}",
+        s.errors, s.timeouts_by_step
+    );
     for (kind, message) in &s.error_samples {
         eprintln!("loadtest: {kind}, e.g.: {message}");
     }

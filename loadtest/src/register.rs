@@ -68,13 +68,19 @@ pub struct RegisterSummary {
     /// Every connect → session `hello`.
     pub session_ms: Latency,
     pub attempts: u64,
+    /// Ready sessions that the gateway ended before the run did.
+    pub sessions_lost: u64,
     pub refusals: BTreeMap<String, u64>,
     pub errors: FailCounts,
+    /// `errors.timeout` by the step that did not finish in time.
+    pub timeouts_by_step: BTreeMap<String, u64>,
     pub error_samples: BTreeMap<String, String>,
     pub creds_out: Option<String>,
     pub credentials_written: u64,
     pub gateway: Option<GatewayMemory>,
     pub generator_rss_bytes: u64,
+    /// CPU seconds of all workers together (key generation, TLS, JSON).
+    pub generator_cpu_secs: f64,
     pub setup: RegisterSetup,
 }
 
@@ -83,6 +89,8 @@ pub struct GatewayMemory {
     pub pid: u32,
     pub rss_before_bytes: Option<u64>,
     pub rss_after_bytes: Option<u64>,
+    /// CPU seconds the gateway used from `go` to the last device done.
+    pub cpu_secs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -216,6 +224,7 @@ async fn execute(args: RegisterArgs, plan: FleetPlan) -> Result<ExitCode> {
     pool.spawn(&plan.workers)?;
     pool.wait_for_ready(Duration::from_secs(60)).await?;
     let gateway_before = args.fleet.gateway_pid.and_then(sys::rss_bytes);
+    let gateway_cpu_before = args.fleet.gateway_pid.and_then(sys::cpu_secs);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{spinner:.green} register [{elapsed_precise}] [{bar:40.cyan/blue}] {pos}/{len} {msg}",
@@ -227,8 +236,7 @@ async fn execute(args: RegisterArgs, plan: FleetPlan) -> Result<ExitCode> {
     let go = Instant::now();
     let deadline = go + Duration::from_secs(plan.workers[0].max_runtime_secs + 30);
     let mut last_line = Instant::now();
-    let mut wall = None;
-    while !pool.workers.iter().all(|w| w.result.is_some() || w.gone) {
+    while !pool.workers.iter().all(|w| w.ramp_secs.is_some() || w.gone) {
         let tick = Instant::now() + Duration::from_millis(500);
         match pool.step(tick.min(deadline)).await? {
             Step::Interrupted => break,
@@ -238,9 +246,6 @@ async fn execute(args: RegisterArgs, plan: FleetPlan) -> Result<ExitCode> {
                 break;
             }
             _ => {}
-        }
-        if wall.is_none() && pool.workers.iter().all(|w| w.ramp_secs.is_some() || w.gone) {
-            wall = Some(go.elapsed());
         }
         let t = pool.total();
         let message = format!(
@@ -258,8 +263,15 @@ async fn execute(args: RegisterArgs, plan: FleetPlan) -> Result<ExitCode> {
             eprintln!("loadtest: {:.0} s: {message}", go.elapsed().as_secs_f64());
         }
     }
-    let wall = wall.unwrap_or_else(|| go.elapsed());
+    let wall = go.elapsed();
     let gateway_after = args.fleet.gateway_pid.and_then(sys::rss_bytes);
+    let gateway_cpu = match (
+        gateway_cpu_before,
+        args.fleet.gateway_pid.and_then(sys::cpu_secs),
+    ) {
+        (Some(a), Some(b)) => Some(summary::round2(b - a)),
+        _ => None,
+    };
     let generator_rss = pool.workers_rss();
     pool.stop_and_collect(Duration::from_secs(20)).await?;
     // Let the pipe readers deliver the last credentials.
@@ -280,8 +292,8 @@ async fn execute(args: RegisterArgs, plan: FleetPlan) -> Result<ExitCode> {
         &pool,
         wall,
         written,
-        gateway_before,
-        gateway_after,
+        [gateway_before, gateway_after],
+        gateway_cpu,
         generator_rss,
     );
     print_human(&summary);
@@ -305,8 +317,8 @@ fn summarize(
     pool: &Pool,
     wall: Duration,
     written: u64,
-    gateway_before: Option<u64>,
-    gateway_after: Option<u64>,
+    [gateway_before, gateway_after]: [Option<u64>; 2],
+    gateway_cpu: Option<f64>,
     generator_rss: u64,
 ) -> RegisterSummary {
     let mut total = crate::fleet_wire::FleetProgress::default();
@@ -318,7 +330,9 @@ fn summarize(
     );
     let mut per_second = Vec::new();
     let mut secs = 0f64;
+    let mut generator_cpu = 0f64;
     for r in pool.results() {
+        generator_cpu += r.cpu_secs;
         pool::add_progress(&mut total, &r.progress);
         for (k, v) in r.error_samples {
             samples.entry(k).or_insert(v);
@@ -337,6 +351,12 @@ fn summarize(
         problems.push(format!(
             "only {} of {} devices ready",
             total.ready, args.devices
+        ));
+    }
+    if total.lost > 0 {
+        problems.push(format!(
+            "{} ready sessions were closed by the gateway before the end",
+            total.lost
         ));
     }
     if args.creds_out.is_some() && written != total.ready {
@@ -372,8 +392,10 @@ fn summarize(
         ready_ms: summary::latency_ms(&ready),
         session_ms: summary::latency_ms(&session),
         attempts: total.attempts,
+        sessions_lost: total.lost,
         refusals: total.refusals,
         errors: total.errors,
+        timeouts_by_step: total.timeouts,
         error_samples: samples,
         creds_out: args.creds_out.as_ref().map(|p| p.display().to_string()),
         credentials_written: written,
@@ -381,8 +403,10 @@ fn summarize(
             pid,
             rss_before_bytes: gateway_before,
             rss_after_bytes: gateway_after,
+            cpu_secs: gateway_cpu,
         }),
         generator_rss_bytes: generator_rss,
+        generator_cpu_secs: summary::round2(generator_cpu),
         setup: RegisterSetup {
             server_addr: plan.addr.to_string(),
             workers: plan.workers.len(),
@@ -412,6 +436,14 @@ fn print_human(s: &RegisterSummary) {
     eprintln!(
         "loadtest: register→registered p50 {:.1} ms, p99 {:.1} ms; registration→ready p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         s.register_ms.p50, s.register_ms.p99, s.ready_ms.p50, s.ready_ms.p99, s.ready_ms.max
+    );
+    eprintln!(
+        "loadtest: CPU: gateway {} s, load generator {:.2} s",
+        s.gateway
+            .as_ref()
+            .and_then(|g| g.cpu_secs)
+            .map_or("?".to_owned(), |c| format!("{c:.2}")),
+        s.generator_cpu_secs
     );
     if !s.refusals.is_empty() {
         eprintln!("loadtest: refusals: {:?}", s.refusals);

@@ -70,6 +70,31 @@ pub fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
     }
 }
 
+/// CPU time (user + system) a process has used so far, in seconds, from `/proc/PID/stat`
+/// (clock ticks of 1/100 s, Linux's fixed USER_HZ).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_cpu_secs(&stat)
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line, in seconds.
+pub fn parse_stat_cpu_secs(stat: &str) -> Option<f64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// CPU time this process has used, seconds.
+pub fn own_cpu_secs() -> f64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
+}
+
 /// Name of a process (`/proc/PID/comm`), for messages.
 pub fn process_name(pid: u32) -> Option<String> {
     let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
@@ -95,6 +120,13 @@ mod tests {
         let status = "Name:\tfleetgate\nVmPeak:\t  900 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
         assert_eq!(parse_status_kib(status, "VmRSS:"), Some(12345));
         assert_eq!(parse_status_kib(status, "VmHWM:"), None);
+    }
+
+    #[test]
+    fn parses_cpu_time_from_stat() {
+        let stat = "4242 (fleet gate) S 1 4242 4242 0 -1 4194560 500 0 0 0 250 75 0 0 20 0 3 0";
+        assert_eq!(parse_stat_cpu_secs(stat), Some(3.25));
+        assert!(cpu_secs(std::process::id()).is_some());
     }
 
     #[test]
