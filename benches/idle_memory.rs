@@ -17,7 +17,7 @@ use fleetgate::buf::VecPool;
 use fleetgate::config::Config;
 use fleetgate::control::Revocations;
 use fleetgate::metrics::{Onboarding, ShardStats};
-use fleetgate::shard::conn::{Conn, Cx, Settings};
+use fleetgate::shard::conn::{ClientCas, Conn, Cx, Settings};
 use fleetgate::status::StatusCell;
 use fleetgate::sys::CountingAlloc;
 use fleetgate::tls::{TlsSession, server_config};
@@ -40,6 +40,7 @@ struct Side {
     pool: VecPool,
     onboarding: Onboarding,
     revocations: Revocations,
+    client_cas: ClientCas,
 }
 
 impl Side {
@@ -56,6 +57,7 @@ impl Side {
             pool: &mut self.pool,
             onboarding: &self.onboarding,
             revocations: &self.revocations,
+            client_cas: &self.client_cas,
         };
         server(|| conn.on_data(bytes, &mut cx));
         // What the shard would send; the buffer goes back to the pool afterwards.
@@ -93,7 +95,7 @@ fn main() {
     let ks = fleetgate::pki::Keystore::load(&boot.keystore_path).unwrap();
     let cfg = Config::default();
     let device_ca = fleetgate::pki::device::ensure_device_ca(dir.path()).unwrap();
-    let scfg = server_config(&ks, &cfg.tls, Some(device_ca.cert_der()), None).unwrap();
+    let scfg = server_config(&ks, &cfg.tls, &[device_ca.cert_der()], None).unwrap();
     // One device credential (all simulated devices share it; the server keeps a copy per
     // session either way).
     let device_key = rcgen::KeyPair::generate().unwrap();
@@ -137,6 +139,7 @@ fn main() {
             pool: VecPool::new(16, 256 * 1024),
             onboarding: Onboarding::default(),
             revocations: Revocations::default(),
+            client_cas: ClientCas::default(),
         };
         CountingAlloc::reset();
         let mut conns = Vec::with_capacity(n);

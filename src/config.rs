@@ -79,6 +79,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Device registration (`/usg/endpoint` register mode).
     pub registration: RegistrationConfig,
+    /// The relay between management servers and devices.
+    pub relay: RelayConfig,
     /// `/usg/check-status` behaviour.
     pub status: StatusConfig,
     /// Logging.
@@ -259,6 +261,29 @@ impl Default for LimitsConfig {
             max_devices: 0,
             limit_retry_after_secs: 60,
             max_pending_handshakes: 512,
+        }
+    }
+}
+
+/// `[relay]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Output bytes queued for a device above which new requests and stream opens to it are
+    /// answered `busy` instead of queued. Default 1 MiB: a device that does not read cannot
+    /// make the gateway hold more than that in requests for it.
+    pub max_control_queue: usize,
+    /// Data bytes queued for one connection above which further data for it resets the
+    /// stream with `busy`. Default 8 MiB (32 streams at the 256 KiB default window): reached
+    /// only by a sender that ignores the credit it was given.
+    pub max_bulk_queue: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            max_control_queue: 1 << 20,
+            max_bulk_queue: 8 << 20,
         }
     }
 }
@@ -479,6 +504,12 @@ impl Config {
                 "limits.limit_retry_after_secs",
                 "must be between 1 and 86400",
             );
+        }
+        if self.relay.max_control_queue < 64 * 1024 {
+            return bad("relay.max_control_queue", "must be at least 65536");
+        }
+        if self.relay.max_bulk_queue < 256 * 1024 {
+            return bad("relay.max_bulk_queue", "must be at least 262144");
         }
         if self.registration.timeout_ms == 0 {
             return bad("registration.timeout_ms", "must be at least 1");

@@ -26,6 +26,7 @@ pub mod mail;
 pub mod metrics;
 pub mod pki;
 pub mod proto;
+pub mod relay;
 pub mod registry;
 pub mod server;
 pub mod shard;

@@ -85,6 +85,12 @@ pub struct ShardStats {
     pub bytes_out: AtomicU64,
     /// WebSocket messages received.
     pub ws_messages_in: AtomicU64,
+    /// Relay envelopes received from management connections and devices.
+    pub relay_in: AtomicU64,
+    /// Relay envelopes delivered to a connection.
+    pub relay_out: AtomicU64,
+    /// Relay data dropped (a stream over its window was reset).
+    pub relay_dropped: AtomicU64,
     /// Errors by kind.
     pub errors: [AtomicU64; 11],
 }
@@ -202,6 +208,29 @@ pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u
         "{name}{{version=\"1.3\"}} {}",
         total(shards, |s| &s.handshakes_tls13)
     );
+    for (name, help, f) in [
+        (
+            "fleetgate_relay_received_total",
+            "Relay envelopes received from management connections and devices.",
+            (|s| &s.relay_in) as fn(&ShardStats) -> &AtomicU64,
+        ),
+        (
+            "fleetgate_relay_delivered_total",
+            "Relay envelopes delivered.",
+            |s| &s.relay_out,
+        ),
+        (
+            "fleetgate_relay_dropped_total",
+            "Relay data dropped because a stream exceeded its window (stream reset).",
+            |s| &s.relay_dropped,
+        ),
+    ] {
+        let _ = writeln!(
+            o,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            total(shards, f)
+        );
+    }
     let name = "fleetgate_tls_resumptions_total";
     let _ = writeln!(
         o,

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 use rustls::ServerConfig;
 
 use crate::config::{Config, DriverKind};
+use crate::control::Job;
 use crate::control::registrar::{Registrar, ShardLink};
-use crate::control::{Job, Revocations};
 use crate::driver::epoll::EpollDriver;
 use crate::driver::probe::{self, Chosen};
 use crate::driver::uring::UringDriver;
@@ -22,7 +22,7 @@ use crate::driver::{Driver, DriverConfig, Waker};
 use crate::metrics::{self, ShardStats};
 use crate::pki::{self, Keystore};
 use crate::shard::conn::Settings;
-use crate::shard::{Command, Shard, Shared};
+use crate::shard::{Command, RelayLimits, Shard, ShardInit, Shared};
 use crate::status::{self, Health, StatusCell};
 
 /// Errors starting the gateway.
@@ -93,6 +93,8 @@ pub struct Running {
     data_dir: PathBuf,
     /// The device CA certificate: the client-certificate trust anchor of every TLS config.
     device_ca: rustls_pki_types::CertificateDer<'static>,
+    /// The management CA certificate (the other client-certificate anchor).
+    mgmt_ca: rustls_pki_types::CertificateDer<'static>,
     /// The session-ticket keys (kept across keystore reloads and restarts).
     tickets: Arc<dyn rustls::server::ProducesTickets>,
     /// The registrar's inbox (admin requests) and its thread.
@@ -189,13 +191,18 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         "registry opened after {:?}",
         t0.elapsed()
     );
+    let mgmt_ca = pki::device::ensure_mgmt_ca(&data_dir).map_err(|source| StartError::Pki {
+        dir: data_dir.clone(),
+        source,
+    })?;
     let device_ca_der = device_ca.cert_der().clone();
+    let mgmt_ca_der = mgmt_ca.cert_der().clone();
     let tickets: Arc<dyn rustls::server::ProducesTickets> =
         crate::tls::PersistentTicketer::load_or_create(&data_dir.join("pki").join("tickets.key"))?;
     let tls_config = crate::tls::server_config(
         &keystore,
         &config.tls,
-        Some(&device_ca_der),
+        &[&device_ca_der, &mgmt_ca_der],
         Some(tickets.clone()),
     )?;
     tracing::debug!("TLS configuration ready after {:?}", t0.elapsed());
@@ -233,6 +240,15 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         jobs: jobs_tx.clone(),
     };
     let max_handshaking = config.limits.max_pending_handshakes;
+    let relay_limits = RelayLimits {
+        max_control_queue: config.relay.max_control_queue,
+        max_bulk_queue: config.relay.max_bulk_queue,
+    };
+    let client_cas = crate::shard::conn::ClientCas {
+        device: subject_of(device_ca.cert_der()),
+        management: subject_of(mgmt_ca.cert_der()),
+    };
+    let mut mesh_senders = Vec::with_capacity(n);
     let settings = Settings::from_config(&config);
     let max_conns = match chosen {
         // A ring's fixed file table cannot exceed RLIMIT_NOFILE.
@@ -258,7 +274,16 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         let settings = settings.clone();
         let tls_config = tls_config.clone();
         let ready = ready_tx.clone();
-        let revocations = revocations.clone();
+        let (mesh_tx, mesh_rx) = mpsc::sync_channel(crate::relay::MESH_CAPACITY);
+        mesh_senders.push(mesh_tx);
+        let init = ShardInit {
+            revocations: revocations.clone(),
+            max_handshaking,
+            shard_count: n,
+            mesh_rx,
+            relay_limits,
+            client_cas: client_cas.clone(),
+        };
         let uring = chosen == Chosen::Uring;
         let pin = config.server.pin_threads;
         let thread = std::thread::Builder::new()
@@ -272,17 +297,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                 if uring {
                     match UringDriver::new(dcfg) {
                         Ok(d) => run_shard(
-                            id,
-                            d,
-                            listener,
-                            max_conns,
-                            settings,
-                            tls_config,
-                            shared,
-                            rx,
-                            ready,
-                            revocations,
-                            max_handshaking,
+                            id, d, listener, max_conns, settings, tls_config, shared, rx, ready,
+                            init,
                         ),
                         Err(e) => {
                             let _ = ready.send((id, Err(format!("io_uring setup: {e}"))));
@@ -291,17 +307,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                 } else {
                     match EpollDriver::new(dcfg) {
                         Ok(d) => run_shard(
-                            id,
-                            d,
-                            listener,
-                            max_conns,
-                            settings,
-                            tls_config,
-                            shared,
-                            rx,
-                            ready,
-                            revocations,
-                            max_handshaking,
+                            id, d, listener, max_conns, settings, tls_config, shared, rx, ready,
+                            init,
                         ),
                         Err(e) => {
                             let _ = ready.send((id, Err(format!("epoll setup: {e}"))));
@@ -344,6 +351,14 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             thread,
         })
         .collect();
+    let mesh = Arc::new(crate::relay::Mesh {
+        inboxes: mesh_senders,
+        wakers: shards.iter().map(|s| s.waker.clone()).collect(),
+    });
+    for s in &shards {
+        let _ = s.tx.send(Command::Mesh(mesh.clone()));
+        s.waker.wake();
+    }
     let links: Vec<ShardLink> = shards
         .iter()
         .map(|s| ShardLink {
@@ -359,6 +374,9 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         revocations,
         shared.onboarding.clone(),
     );
+    let mut registrar = registrar;
+    registrar.status = Some(shared.status.clone());
+    registrar.shard_stats = Some(shared.stats.clone());
     let registrar = std::thread::Builder::new()
         .name("registrar".into())
         .spawn(move || registrar.run(jobs_rx))
@@ -379,6 +397,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         admin: Some(admin),
         data_dir,
         device_ca: device_ca_der,
+        mgmt_ca: mgmt_ca_der,
         tickets,
         jobs: jobs_tx,
         registrar: Some(registrar),
@@ -402,8 +421,7 @@ fn run_shard<D: Driver>(
     shared: Shared,
     rx: mpsc::Receiver<Command>,
     ready: Sender<(usize, Result<Waker, String>)>,
-    revocations: Arc<Revocations>,
-    max_handshaking: usize,
+    init: ShardInit,
 ) {
     if let Err(e) = driver.listen(listener) {
         let _ = ready.send((id, Err(format!("listen: {e}"))));
@@ -412,17 +430,16 @@ fn run_shard<D: Driver>(
     let _ = ready.send((id, Ok(driver.waker())));
     drop(ready);
     Shard::new(
-        id,
-        driver,
-        max_conns,
-        settings,
-        tls_config,
-        shared,
-        rx,
-        revocations,
-        max_handshaking,
+        id, driver, max_conns, settings, tls_config, shared, rx, init,
     )
     .run();
+}
+
+/// The subject name (DER) of a CA certificate: what its certificates carry as issuer.
+fn subject_of(cert: &rustls_pki_types::CertificateDer<'_>) -> Vec<u8> {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .map(|(_, c)| c.subject().as_raw().to_vec())
+        .unwrap_or_default()
 }
 
 /// One `SO_REUSEPORT` listener per shard on the same address (the first bind fixes the port
@@ -523,7 +540,7 @@ impl Running {
         let cfg = crate::tls::server_config(
             &ks,
             &self.config.tls,
-            Some(&self.device_ca),
+            &[&self.device_ca, &self.mgmt_ca],
             Some(self.tickets.clone()),
         )
         .map_err(|e| e.to_string())?;

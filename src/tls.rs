@@ -43,8 +43,8 @@ pub enum TlsError {
 /// (measurably cheaper per handshake and per byte here than AES-256), stateless session
 /// tickets for resumption, ALPN `http/1.1`.
 ///
-/// With `device_ca`, every handshake asks for a client certificate issued by that CA (the
-/// device credential) but also accepts none: a device without a credential registers, one
+/// With `client_cas` (the device CA and the management CA), every handshake asks for a client
+/// certificate issued by one of them but also accepts none: a device without a credential registers, one
 /// with a credential is authenticated by the handshake itself (chain, validity, clientAuth).
 /// A certificate from any other issuer fails the handshake.
 ///
@@ -54,25 +54,27 @@ pub enum TlsError {
 pub fn server_config(
     keystore: &Keystore,
     cfg: &TlsConfig,
-    device_ca: Option<&CertificateDer<'static>>,
+    client_cas: &[&CertificateDer<'static>],
     tickets: Option<Arc<dyn ProducesTickets>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(provider());
-    let client_auth: Arc<dyn rustls::server::danger::ClientCertVerifier> = match device_ca {
-        Some(ca) => {
+    let client_auth: Arc<dyn rustls::server::danger::ClientCertVerifier> = match client_cas {
+        [] => rustls::server::WebPkiClientVerifier::no_client_auth(),
+        cas => {
             let mut roots = rustls::RootCertStore::empty();
-            roots
-                .add(ca.clone())
-                .map_err(|e| TlsError::Config(format!("device CA: {e}")))?;
+            for ca in cas {
+                roots
+                    .add((*ca).clone())
+                    .map_err(|e| TlsError::Config(format!("client CA: {e}")))?;
+            }
             rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider.clone(),
             )
             .allow_unauthenticated()
             .build()
-            .map_err(|e| TlsError::Config(format!("device CA verifier: {e}")))?
+            .map_err(|e| TlsError::Config(format!("client CA verifier: {e}")))?
         }
-        None => rustls::server::WebPkiClientVerifier::no_client_auth(),
     };
     let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
     if cfg.min_version <= TlsVersion::Tls13 && cfg.max_version >= TlsVersion::Tls13 {

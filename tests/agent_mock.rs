@@ -252,6 +252,7 @@ fn serve(
             mode,
             gateway: "mock/1".into(),
             unit_id,
+            name: None,
         })
     };
     match session_unit {

@@ -288,7 +288,7 @@ both_drivers!(protocol_violations_get_their_close_codes, |driver| {
     s.write_all(&masked(0x2, true, &[0u8; 2000])).unwrap();
     expect_close(&mut s, 1009);
     // Message above max_message_size (in small frames) → 1009.
-    let mut s = raw_ws(&gw, "/usg/management");
+    let mut s = raw_ws(&gw, "/usg/echo");
     for i in 0..5 {
         let op = if i == 0 { 0x2 } else { 0x0 };
         s.write_all(&masked(op, false, &[0u8; 1000])).unwrap();
@@ -429,13 +429,13 @@ both_drivers!(
 both_drivers!(idle_websocket_is_pinged_then_closed, |driver| {
     let cfg = "[websocket]\nping_after_secs = 1\nidle_timeout_secs = 2\n";
     let gw = Gateway::start(driver, Some(cfg), &[]);
-    let mut s = raw_ws(&gw, "/usg/management");
+    let mut s = raw_ws(&gw, "/usg/echo");
     // Say nothing: after 1 s a ping, after 2 s of silence a 1001 close.
     let (op, _) = read_frame(&mut s);
     assert_eq!(op, 0x9, "expected a ping");
     expect_close(&mut s, 1001);
     // A device that answers pings stays.
-    let mut ws = ws_connect(&gw, "/usg/management");
+    let mut ws = ws_connect(&gw, "/usg/echo");
     ws.get_mut()
         .sock
         .set_read_timeout(Some(Duration::from_millis(200)))
@@ -459,10 +459,8 @@ both_drivers!(idle_websocket_is_pinged_then_closed, |driver| {
 
 both_drivers!(sigterm_closes_websockets_with_1001_and_exits_0, |driver| {
     let gw = Gateway::start(driver, None, &[]);
-    let mut clients: Vec<_> = (0..20)
-        .map(|_| ws_connect(&gw, "/usg/management"))
-        .collect();
-    let mut raw = raw_ws(&gw, "/usg/management");
+    let mut clients: Vec<_> = (0..20).map(|_| ws_connect(&gw, "/usg/echo")).collect();
+    let mut raw = raw_ws(&gw, "/usg/echo");
     let (status, took) = {
         let handle = std::thread::spawn(move || {
             // The raw client reads the 1001 close while the gateway drains.

@@ -116,6 +116,8 @@ pub enum Job {
     SessionUp {
         /// The shard holding it.
         shard: usize,
+        /// The connection.
+        conn: ConnKey,
         /// The credential.
         fingerprint: Fingerprint,
         /// The unit ID (certificate CN).
@@ -129,6 +131,23 @@ pub enum Job {
     SessionDown {
         /// The credential.
         fingerprint: Fingerprint,
+        /// The unit ID.
+        unit_id: Box<str>,
+        /// The shard that held it.
+        shard: usize,
+        /// The connection.
+        conn: ConnKey,
+    },
+    /// A request from a management connection to the gateway itself (§6.4).
+    Gateway {
+        /// The shard holding the management connection.
+        shard: usize,
+        /// The management connection.
+        conn: ConnKey,
+        /// The request id.
+        channel: u32,
+        /// The request body (JSON).
+        body: Vec<u8>,
     },
     /// A device in register mode sent a malformed message (counted as a failed attempt of
     /// its source, audited).

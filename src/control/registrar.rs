@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
@@ -18,11 +19,14 @@ use crate::metrics::Onboarding;
 use crate::pki::Fingerprint;
 use crate::pki::device::DeviceCa;
 use crate::proto::device::Register;
+use crate::proto::envelope::{self, Header, Kind, RequestBody, ResponseBody};
 use crate::registry::limiter::FailureLimiter;
 use crate::registry::{
     DeviceCredential, Reason, RegistrationRefusal, RegistrationRequest, Registry, Touch, unix_now,
 };
+use crate::relay::Location;
 use crate::shard::Command;
+use serde_json::{Value, json};
 
 /// How often revocations are re-read from the registry (a CLI change shows within this).
 const REFRESH_EVERY: Duration = Duration::from_millis(500);
@@ -55,6 +59,10 @@ pub struct Registrar {
     to_check: Vec<(usize, Fingerprint)>,
     data_version: i64,
     throttle_audited: HashMap<IpAddr, Instant>,
+    /// The cached health, for the `status` method.
+    pub status: Option<Arc<crate::status::StatusCell>>,
+    /// Every shard's counters, for the `status` method.
+    pub shard_stats: Option<Arc<[crate::metrics::ShardStats]>>,
 }
 
 impl std::fmt::Debug for Registrar {
@@ -115,6 +123,8 @@ impl Registrar {
             to_check: Vec::new(),
             data_version,
             throttle_audited: HashMap::new(),
+            status: None,
+            shard_stats: None,
         }
     }
 
@@ -178,11 +188,19 @@ impl Registrar {
                 }
                 Job::SessionUp {
                     shard,
+                    conn,
                     fingerprint,
                     unit_id,
                     source,
                     at,
                 } => {
+                    let loc = Location { shard, conn };
+                    self.broadcast_command(|| Command::DirPut {
+                        unit: unit_id.clone(),
+                        loc,
+                    });
+                    let address = source.map(|a| a.to_string());
+                    self.event(&unit_id, json!({"event": "device_up", "address": address}));
                     let e = self.live.entry(fingerprint.0).or_insert_with(|| {
                         (
                             LiveSession {
@@ -206,7 +224,18 @@ impl Registrar {
                     });
                     self.to_check.push((shard, fingerprint));
                 }
-                Job::SessionDown { fingerprint } => {
+                Job::SessionDown {
+                    fingerprint,
+                    unit_id,
+                    shard,
+                    conn,
+                } => {
+                    let loc = Location { shard, conn };
+                    self.broadcast_command(|| Command::DirDel {
+                        unit: unit_id.clone(),
+                        loc,
+                    });
+                    self.event(&unit_id, json!({"event": "device_down"}));
                     if let Some(e) = self.live.get_mut(&fingerprint.0) {
                         e.1 = e.1.saturating_sub(1);
                         if e.1 == 0 {
@@ -247,6 +276,29 @@ impl Registrar {
                     }
                 }
                 Job::Refresh => self.refresh(),
+                Job::Gateway {
+                    shard,
+                    conn,
+                    channel,
+                    body,
+                } => {
+                    let answer = self.gateway_request(&body);
+                    let mut env = Vec::new();
+                    envelope::write(
+                        &mut env,
+                        &Header {
+                            kind: Kind::Response,
+                            channel,
+                            route: 0,
+                            unit: "",
+                        },
+                        &answer.to_vec(),
+                    );
+                    self.send(shard, Command::Relay { to: conn, env });
+                    if let Some(s) = self.shards.get(shard) {
+                        s.waker.wake();
+                    }
+                }
                 Job::Sessions(reply) => {
                     let mut v: Vec<LiveSession> =
                         self.live.values().map(|(s, _)| s.clone()).collect();
@@ -400,6 +452,7 @@ impl Registrar {
                         });
                     }
                     let unit = p.msg.unit_id.trim().to_owned();
+                    self.event(&unit, json!({"event": "device_registered"}));
                     self.send(
                         p.shard,
                         Command::Registered {
@@ -454,6 +507,166 @@ impl Registrar {
         }
     }
 
+    /// Sends a command to every shard (and wakes it).
+    fn broadcast_command(&self, make: impl Fn() -> Command) {
+        for s in &self.shards {
+            let _ = s.tx.send(make());
+            s.waker.wake();
+        }
+    }
+
+    /// Sends an event (§6.5) about `unit` to every management connection.
+    fn event(&self, unit: &str, body: Value) {
+        let mut env = Vec::new();
+        envelope::write(
+            &mut env,
+            &Header {
+                kind: Kind::Event,
+                channel: 0,
+                route: 0,
+                unit,
+            },
+            body.to_string().as_bytes(),
+        );
+        let env: Arc<[u8]> = env.into();
+        self.broadcast_command(|| Command::Broadcast(env.clone()));
+    }
+
+    /// Answers a request to the gateway itself (§6.4, gateway methods).
+    fn gateway_request(&mut self, body: &[u8]) -> ResponseBody {
+        let req: RequestBody = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return ResponseBody::err("bad_request", format!("not a request: {e}")),
+        };
+        let p = &req.params;
+        let now = unix_now();
+        let r: Result<Value, (String, String)> = (|| {
+            let storage = |e: crate::registry::RegistryError| {
+                let code = if e.is_rejection() {
+                    "bad_request"
+                } else {
+                    "internal_error"
+                };
+                (code.to_owned(), e.to_string())
+            };
+            let bad = |m: &str| ("bad_request".to_owned(), m.to_owned());
+            Ok(match req.method.as_str() {
+                "status" => {
+                    let st = self
+                        .status
+                        .as_ref()
+                        .map(|s| s.get().as_str())
+                        .unwrap_or("ok");
+                    let stats = self.shard_stats.as_deref().unwrap_or(&[]);
+                    json!({
+                        "status": st,
+                        "devices": self.stats.sessions_open.load(Relaxed),
+                        "management": crate::metrics::total(stats, |s| &s.management),
+                        "registrations": self.stats.granted(),
+                        "max_devices": self.stats.max_devices.load(Relaxed),
+                    })
+                }
+                "devices.list" => {
+                    let devices = self.registry.list_devices().map_err(storage)?;
+                    let list: Vec<Value> = devices
+                        .iter()
+                        .filter(|d| d.state(now) == crate::registry::DeviceState::Active)
+                        .map(|d| {
+                            let live = self.live.get(&d.fingerprint.0).map(|(s, _)| s);
+                            json!({
+                                "unit_id": d.unit_id,
+                                "state": d.state(now).as_str(),
+                                "connected": live.is_some(),
+                                "since": live.map(|s| s.since),
+                                "address": live.and_then(|s| s.address.clone()).or(d.address.clone()),
+                                "last_seen": d.last_seen,
+                            })
+                        })
+                        .collect();
+                    json!({ "devices": list })
+                }
+                "device.remove" => {
+                    let unit = p["unit_id"]
+                        .as_str()
+                        .ok_or_else(|| bad("unit_id missing"))?;
+                    let revoked = self.registry.revoke_device(unit, now).map_err(storage)?;
+                    self.refresh();
+                    json!({ "revoked": revoked.len() })
+                }
+                "limit.get" => json!({ "max_devices": self.stats.max_devices.load(Relaxed) }),
+                "limit.set" => {
+                    let n = p["max_devices"]
+                        .as_u64()
+                        .ok_or_else(|| bad("max_devices must be a number (0 = unlimited)"))?;
+                    let old = self.stats.max_devices.swap(n, Relaxed);
+                    tracing::info!("device connection limit {old} → {n} (management)");
+                    json!({ "max_devices": n })
+                }
+                "keys.create" => {
+                    let keys: Vec<crate::registry::NewKey> = if let Some(n) = p["one_time"].as_u64()
+                    {
+                        self.registry
+                            .create_one_time_keys(n as usize, now)
+                            .map_err(storage)?
+                    } else if let Some(units) = p["units"].as_array() {
+                        let units: Vec<&str> = units.iter().filter_map(Value::as_str).collect();
+                        self.registry
+                            .create_unit_keys(&units, now)
+                            .map_err(storage)?
+                    } else if p["mass"].as_bool() == Some(true) {
+                        vec![
+                            self.registry
+                                .create_mass_key(p["value"].as_str(), now)
+                                .map_err(storage)?,
+                        ]
+                    } else {
+                        return Err(bad("give one_time, units or mass"));
+                    };
+                    json!({ "keys": keys.iter().map(|k| k.value.clone()).collect::<Vec<_>>() })
+                }
+                "keys.list" => {
+                    let keys = self
+                        .registry
+                        .list_keys(crate::registry::KeyFilter::All)
+                        .map_err(storage)?;
+                    let list: Vec<Value> = keys
+                        .iter()
+                        .map(|k| {
+                            json!({
+                                "id": k.id,
+                                "kind": k.kind.as_str(),
+                                "state": k.state().as_str(),
+                                "prefix": k.prefix,
+                                "unit_id": k.unit_id,
+                                "uses": k.use_count,
+                                "used_by": k.last_used_by,
+                                "used_at": k.last_used_at,
+                            })
+                        })
+                        .collect();
+                    json!({ "keys": list })
+                }
+                "keys.revoke" => {
+                    let key = p["key"].as_str().ok_or_else(|| bad("key missing"))?;
+                    self.registry
+                        .revoke_key(&crate::registry::KeyRef::parse(key), now)
+                        .map_err(storage)?;
+                    json!({ "revoked": true })
+                }
+                _ => {
+                    return Err((
+                        "unknown_method".to_owned(),
+                        format!("the gateway has no method {:?}", req.method),
+                    ));
+                }
+            })
+        })();
+        match r {
+            Ok(v) => ResponseBody::ok(v),
+            Err((code, message)) => ResponseBody::err(&code, message),
+        }
+    }
+
     fn send(&self, shard: usize, cmd: Command) {
         if let Some(s) = self.shards.get(shard) {
             let _ = s.tx.send(cmd);
@@ -499,6 +712,9 @@ impl Registrar {
             if !self.revocations.contains(&fp.0) {
                 let superseded = why == "superseded";
                 tracing::info!(unit = %unit, fingerprint = %fp.hex(), "credential {why}; closing its session if connected");
+                if !superseded {
+                    self.event(&unit, json!({"event": "device_removed"}));
+                }
                 kicks.push(Kick {
                     fingerprint: fp.0,
                     reason: if superseded {

@@ -32,6 +32,8 @@ pub enum Mode {
     Register,
     /// A valid device credential: the device is connected and managed.
     Session,
+    /// A management server (`/usg/management`, §6.1).
+    Management,
 }
 
 /// Gateway → device, first message after the 101.
@@ -46,6 +48,9 @@ pub struct Hello {
     /// The unit ID of the credential (session mode only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit_id: Option<String>,
+    /// The management server's name, from its certificate (management mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Device → gateway, in register mode.
@@ -135,6 +140,7 @@ mod tests {
             mode: Mode::Session,
             gateway: "fleetgate/0.1.0".into(),
             unit_id: Some("U1".into()),
+            name: None,
         });
         assert_eq!(
             m.to_json(),

@@ -131,6 +131,18 @@ pub struct Cx<'a> {
     pub onboarding: &'a Onboarding,
     /// Credentials that must not open a session.
     pub revocations: &'a Revocations,
+    /// Issuer names of the gateway's client-certificate CAs.
+    pub client_cas: &'a ClientCas,
+}
+
+/// The subjects (DER) of the device CA and the management CA: a client certificate's issuer
+/// says which kind it is.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCas {
+    /// The device CA's subject.
+    pub device: Vec<u8>,
+    /// The management CA's subject.
+    pub management: Vec<u8>,
 }
 
 /// An authenticated device session (kept on the connection until it closes).
@@ -149,6 +161,8 @@ pub enum Request {
     Register(Box<dev::Register>),
     /// A session was admitted: index it, tell the registrar.
     SessionUp,
+    /// A management connection was admitted.
+    ManagementUp,
     /// A malformed registration message (throttling and audit).
     BadRegistration,
     /// A session was refused (audit).
@@ -164,6 +178,7 @@ pub enum Request {
 #[derive(Debug)]
 enum Role {
     Echo,
+    /// An authenticated management server (relay).
     Management,
     /// Register mode: collecting the `register` message (`msg`), then waiting for the registrar.
     Registering {
@@ -192,6 +207,8 @@ struct Open {
     role: Role,
     decoder: Decoder,
     pinged: bool,
+    /// The relay envelope being received (device sessions and management only).
+    env: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -214,6 +231,8 @@ pub struct Conn {
     pub in_flight: usize,
     /// Reading is paused for backpressure.
     pub paused: bool,
+    /// Paused because another shard's mesh inbox was full (resumed by the shard).
+    pub stalled: bool,
     /// The shard has asked the driver to close it.
     pub closing: bool,
     /// Where the connection is going (see [`After`]).
@@ -234,6 +253,14 @@ pub struct Conn {
     session: Option<Box<DeviceSession>>,
     /// Work for the shard (taken after each input).
     request: Option<Request>,
+    /// Complete relay envelopes received, for the shard to route.
+    pub relay_in: Vec<Vec<u8>>,
+    /// Relay data frames (plaintext WebSocket frames) waiting behind control output.
+    bulk: std::collections::VecDeque<Vec<u8>>,
+    /// Bytes in `bulk`.
+    pub bulk_bytes: usize,
+    /// A management connection (admitted), for event broadcasts and routing checks.
+    management: Option<Box<str>>,
 }
 
 impl Conn {
@@ -245,6 +272,7 @@ impl Conn {
             out: Vec::new(),
             in_flight: 0,
             paused: false,
+            stalled: false,
             closing: false,
             after: After::Continue,
             since_ms: now_ms,
@@ -255,7 +283,93 @@ impl Conn {
             peer: None,
             session: None,
             request: None,
+            relay_in: Vec::new(),
+            bulk: std::collections::VecDeque::new(),
+            bulk_bytes: 0,
+            management: None,
         }
+    }
+
+    /// The name of the management connection, once admitted.
+    pub fn management(&self) -> Option<&str> {
+        self.management.as_deref()
+    }
+
+    /// True when relay envelopes can be delivered (an open session or management link).
+    pub fn accepts_relay(&self) -> bool {
+        self.after == After::Continue
+            && matches!(
+                &self.phase,
+                Phase::Open(Open {
+                    role: Role::Device | Role::Management,
+                    ..
+                })
+            )
+    }
+
+    /// Queues a relay envelope for this peer as one WebSocket binary message: control kinds
+    /// are encrypted at once (they overtake queued data), data waits in the bulk lane.
+    /// Returns false when the connection cannot take it (closing).
+    pub fn deliver(
+        &mut self,
+        header: &crate::proto::envelope::Header<'_>,
+        body: &[u8],
+        cx: &mut Cx<'_>,
+    ) -> bool {
+        if !self.accepts_relay() {
+            return false;
+        }
+        let write = |out: &mut Vec<u8>| {
+            let len = header.len() + body.len();
+            let mut h = [0u8; ws::MAX_HEADER_LEN];
+            let n = ws::encode_header(true, OpCode::Binary, None, len as u64, &mut h);
+            out.extend_from_slice(&h[..n]);
+            header.write(out);
+            out.extend_from_slice(body);
+        };
+        if header.kind.is_bulk() {
+            let mut frame = cx.pool.take();
+            frame.clear();
+            write(&mut frame);
+            self.bulk_bytes += frame.len();
+            self.bulk.push_back(frame);
+            self.pump_bulk(cx);
+        } else {
+            write(cx.staged);
+            self.send_plain(cx);
+        }
+        true
+    }
+
+    /// Encrypts queued data frames when nothing else is waiting to be sent (at most ~64 KiB
+    /// at a time, so control output never waits behind more than that).
+    pub fn pump_bulk(&mut self, cx: &mut Cx<'_>) {
+        if self.in_flight > 0 || !self.out.is_empty() || self.after == After::Abort {
+            return;
+        }
+        let mut budget: usize = 64 * 1024;
+        while budget > 0 {
+            let Some(frame) = self.bulk.pop_front() else {
+                break;
+            };
+            self.bulk_bytes -= frame.len();
+            budget = budget.saturating_sub(frame.len());
+            if self.out.capacity() == 0 {
+                self.out = cx.pool.take();
+            }
+            if self.tls.send(&frame, &mut self.out).is_err() {
+                self.after = After::Abort;
+            }
+            cx.pool.give(frame);
+        }
+    }
+
+    /// Drops queued data (the connection is closing); buffers go back to the pool.
+    pub fn clear_bulk(&mut self, pool: &mut VecPool) {
+        for f in self.bulk.drain(..) {
+            pool.give(f);
+        }
+        self.bulk_bytes = 0;
     }
 
     /// The device session this connection carries, if admitted.
@@ -312,6 +426,9 @@ impl Conn {
             want_close_notify,
             session,
             request,
+            relay_in,
+            management,
+            out,
             ..
         } = self;
         let was_established = tls.is_established();
@@ -324,6 +441,10 @@ impl Conn {
             want_close_notify,
             session,
             request,
+            relay_in,
+            management,
+            pool: cx.pool,
+            client_cas: cx.client_cas,
             now,
             settings: cx.settings,
             stats: cx.stats,
@@ -335,7 +456,7 @@ impl Conn {
         };
         let res = tls.receive(
             input,
-            &mut self.out,
+            out,
             cx.staged,
             cx.scratch,
             |plain, staged, peer_cert| st.plaintext(plain, staged, peer_cert),
@@ -467,6 +588,22 @@ impl Conn {
             &refused_message(kick.reason, None, kick.drop_settings),
         );
         let _ = ws::encode_close(cx.staged, Some((dev::CLOSE_REFUSED, "refused")), None);
+        self.send_plain(cx);
+        self.begin_closing(cx.now_ms);
+        self.finish_output(cx);
+        self.after
+    }
+
+    /// A relay protocol violation (a malformed envelope): close 1002.
+    pub fn protocol_close(&mut self, cx: &mut Cx<'_>) -> After {
+        if !matches!(self.phase, Phase::Open(_)) || self.after != After::Continue {
+            return self.after;
+        }
+        let _ = ws::encode_close(
+            cx.staged,
+            Some((CloseCode::PROTOCOL_ERROR, "bad envelope")),
+            None,
+        );
         self.send_plain(cx);
         self.begin_closing(cx.now_ms);
         self.finish_output(cx);
@@ -617,6 +754,10 @@ struct Handler<'a> {
     want_close_notify: &'a mut bool,
     session: &'a mut Option<Box<DeviceSession>>,
     request: &'a mut Option<Request>,
+    relay_in: &'a mut Vec<Vec<u8>>,
+    management: &'a mut Option<Box<str>>,
+    pool: &'a mut VecPool,
+    client_cas: &'a ClientCas,
     now: u64,
     settings: &'a Settings,
     stats: &'a ShardStats,
@@ -743,13 +884,27 @@ impl Handler<'_> {
         };
         if let Some(endpoint) = endpoint {
             match http::check_upgrade(req) {
+                Ok(_)
+                    if endpoint == Endpoint::Management && !self.management_allowed(peer_cert) =>
+                {
+                    self.stats.error(ErrorKind::Http);
+                    http::write_response(
+                        staged,
+                        403,
+                        &[],
+                        Some("text/plain"),
+                        b"a management client certificate from this gateway is required (fleetgate mgmt add)\n",
+                        true,
+                    );
+                    self.drain();
+                }
                 Ok(up) => {
                     let proto = http::negotiate_subprotocol(up.protocols, SUBPROTOCOLS);
                     http::write_switching_protocols(staged, &up.accept, proto);
                     ShardStats::inc(&self.stats.upgrades);
                     let role = match endpoint {
                         Endpoint::Echo => Role::Echo,
-                        Endpoint::Management => Role::Management,
+                        Endpoint::Management => self.admit_management(staged, peer_cert),
                         Endpoint::Device => self.admit_device(staged, peer_cert),
                     };
                     if !matches!(role, Role::Done | Role::Registering { .. }) {
@@ -760,6 +915,7 @@ impl Handler<'_> {
                         role,
                         decoder: Decoder::new(WsRole::Server, self.settings.ws),
                         pinged: false,
+                        env: Vec::new(),
                     };
                     *self.phase = if matches!(open.role, Role::Done) {
                         Phase::Closing(open)
@@ -849,6 +1005,68 @@ impl Handler<'_> {
         }
     }
 
+    /// Whether the handshake carried a management certificate (from the management CA, not
+    /// expired, not revoked).
+    fn management_allowed(&self, peer_cert: Option<&CertificateDer<'static>>) -> bool {
+        let Some(cert) = peer_cert else { return false };
+        let fingerprint: [u8; 32] = Sha256::digest(cert.as_ref()).into();
+        match issued_by(cert, &self.client_cas.management) {
+            Some((true, _, not_after)) => {
+                not_after >= crate::registry::unix_now() && !self.revocations.contains(&fingerprint)
+            }
+            _ => false,
+        }
+    }
+
+    /// A management upgrade (the 101 is already staged): it needs a certificate from the
+    /// management CA that is not revoked. Stages `hello` or a `refused` + close.
+    fn admit_management(
+        &mut self,
+        staged: &mut Vec<u8>,
+        peer_cert: Option<&CertificateDer<'static>>,
+    ) -> Role {
+        let refusal = match peer_cert {
+            None => Some(Reason::CredentialUnknown),
+            Some(cert) => {
+                let fingerprint: [u8; 32] = Sha256::digest(cert.as_ref()).into();
+                match issued_by(cert, &self.client_cas.management) {
+                    Some((true, name, not_after)) => {
+                        if not_after < crate::registry::unix_now() {
+                            Some(Reason::CredentialExpired)
+                        } else if self.revocations.contains(&fingerprint) {
+                            Some(Reason::CredentialRevoked)
+                        } else {
+                            write_message(
+                                staged,
+                                &DevMessage::Hello(dev::Hello {
+                                    protocol: dev::PROTOCOL_VERSION,
+                                    mode: dev::Mode::Management,
+                                    gateway: dev::gateway_name(),
+                                    unit_id: None,
+                                    name: Some(name.to_string()),
+                                }),
+                            );
+                            tracing::info!(name = %name, "management server connected");
+                            *self.management = Some(name);
+                            *self.session = Some(Box::new(DeviceSession {
+                                fingerprint,
+                                unit_id: "".into(),
+                            }));
+                            *self.request = Some(Request::ManagementUp);
+                            return Role::Management;
+                        }
+                    }
+                    _ => Some(Reason::CredentialUnknown),
+                }
+            }
+        };
+        let reason = refusal.unwrap_or(Reason::CredentialUnknown);
+        tracing::info!(reason = %reason, "management connection refused");
+        write_message(staged, &refused_message(reason, None, false));
+        let _ = ws::encode_close(staged, Some((dev::CLOSE_REFUSED, "refused")), None);
+        Role::Done
+    }
+
     /// Decides what a device upgrade is (the 101 is already staged): a session when the
     /// handshake carried a device certificate that is not revoked and the limit allows it,
     /// register mode when it carried none. Stages `hello` or `refused` + close.
@@ -865,6 +1083,7 @@ impl Handler<'_> {
                     mode: dev::Mode::Register,
                     gateway: dev::gateway_name(),
                     unit_id: None,
+                    name: None,
                 }),
             );
             return Role::Registering {
@@ -873,10 +1092,14 @@ impl Handler<'_> {
             };
         };
         let fingerprint: [u8; 32] = Sha256::digest(cert.as_ref()).into();
-        let (unit_id, not_after) = identity(cert).unwrap_or_else(|| ("?".into(), i64::MAX));
+        let (device_issued, unit_id, not_after) =
+            issued_by(cert, &self.client_cas.device).unwrap_or_else(|| (false, "?".into(), 0));
         // A resumed TLS session does not re-check the certificate's validity: do it here.
         let expired = not_after < crate::registry::unix_now();
-        let refusal = if expired {
+        let refusal = if !device_issued {
+            // A management certificate (the other CA the handshake accepts).
+            Some((Reason::CredentialUnknown, None))
+        } else if expired {
             Some((Reason::CredentialExpired, None))
         } else if let Some(superseded) = self.revocations.reason(&fingerprint) {
             Some((
@@ -914,6 +1137,7 @@ impl Handler<'_> {
                 mode: dev::Mode::Session,
                 gateway: dev::gateway_name(),
                 unit_id: Some(unit_id.to_string()),
+                name: None,
             }),
         );
         *self.session = Some(Box::new(DeviceSession {
@@ -990,6 +1214,33 @@ impl Handler<'_> {
                                 self.refuse_registration(staged);
                                 return;
                             }
+                        }
+                    }
+                    if matches!(open.role, Role::Device | Role::Management)
+                        && !closing
+                        && kind == DataKind::Binary
+                    {
+                        if first {
+                            if open.env.capacity() == 0 {
+                                open.env = self.pool.take();
+                            }
+                            open.env.clear();
+                        }
+                        if open.env.len() + payload.len() > crate::proto::envelope::MAX_ENVELOPE {
+                            self.stats.error(ErrorKind::WebSocket);
+                            self.pool.give(std::mem::take(&mut open.env));
+                            let _ = ws::encode_close(
+                                staged,
+                                Some((CloseCode::TOO_BIG, "envelope too large")),
+                                None,
+                            );
+                            *self.want_close_notify = true;
+                            self.drain();
+                            return;
+                        }
+                        open.env.extend_from_slice(payload);
+                        if last {
+                            self.relay_in.push(std::mem::take(&mut open.env));
                         }
                     }
                     if echo && !closing {
@@ -1098,9 +1349,14 @@ fn close_code_for(retry_after_ms: Option<u64>) -> u16 {
     }
 }
 
-/// The subject common name and `notAfter` of a (handshake-verified) certificate.
-fn identity(cert: &CertificateDer<'_>) -> Option<(Box<str>, i64)> {
+/// Whether a (handshake-verified) certificate was issued by `issuer` (a subject name, DER),
+/// with its subject common name and `notAfter`.
+fn issued_by(cert: &CertificateDer<'_>, issuer: &[u8]) -> Option<(bool, Box<str>, i64)> {
     let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let cn = c.subject().iter_common_name().next()?.as_str().ok()?;
-    Some((cn.into(), c.validity().not_after.timestamp()))
+    Some((
+        c.issuer().as_raw() == issuer,
+        cn.into(),
+        c.validity().not_after.timestamp(),
+    ))
 }

@@ -7,9 +7,10 @@
 //! close) → drain commands from the control thread when woken.
 
 pub mod conn;
+mod relay;
 pub mod timer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
@@ -21,9 +22,10 @@ use crate::buf::VecPool;
 use crate::control::{Job, Kick, RegisterOutcome, Revocations};
 use crate::driver::{ConnKey, Driver, Event};
 use crate::metrics::{ErrorKind, Onboarding, ShardStats};
+use crate::relay::{Directory, Location, Mesh, MeshInbox, MeshMsg};
 use crate::status::StatusCell;
 use crate::tls::TlsSession;
-use conn::{After, Conn, Cx, Request, Settings};
+use conn::{After, ClientCas, Conn, Cx, Request, Settings};
 use timer::TimerWheel;
 
 /// Messages from the control thread to a shard.
@@ -45,6 +47,32 @@ pub enum Command {
         /// The answer.
         outcome: RegisterOutcome,
     },
+    /// The mesh to the other shards (sent once, when every shard runs).
+    Mesh(Arc<Mesh>),
+    /// A unit's session is at `loc` (directory replica).
+    DirPut {
+        /// The unit ID.
+        unit: Box<str>,
+        /// Where.
+        loc: Location,
+    },
+    /// A unit's session at `loc` ended.
+    DirDel {
+        /// The unit ID.
+        unit: Box<str>,
+        /// Where it was.
+        loc: Location,
+    },
+    /// A transit envelope from the control plane for a management connection of this shard
+    /// (the gateway's own responses).
+    Relay {
+        /// The management connection.
+        to: ConnKey,
+        /// The envelope (transit form).
+        env: Vec<u8>,
+    },
+    /// A transit envelope for every management connection of this shard (events).
+    Broadcast(Arc<[u8]>),
     /// A new revocation list, and the sessions to close now.
     Revocations {
         /// The list for new sessions.
@@ -97,6 +125,52 @@ pub struct Shard<D: Driver> {
     max_handshaking: usize,
     /// Accepting is paused because of `max_handshaking`.
     paced: bool,
+    /// Number of shards (for routing tags).
+    shard_count: usize,
+    /// This shard's replica of unit → session.
+    directory: Directory,
+    /// The other shards' inboxes (after start-up).
+    mesh: Option<Arc<Mesh>>,
+    /// This shard's mesh inbox.
+    mesh_rx: MeshInbox,
+    /// Messages another shard's full inbox did not take yet.
+    mesh_backlog: VecDeque<(usize, MeshMsg)>,
+    /// Shards to wake at the end of this loop turn (bit per shard).
+    mesh_dirty: u64,
+    /// Connections paused until the mesh backlog drains.
+    stalled: Vec<ConnKey>,
+    /// This shard's management connections.
+    managers: Vec<ConnKey>,
+    /// Relay queue caps.
+    relay_limits: RelayLimits,
+    /// Issuers of the two client-certificate CAs.
+    client_cas: ClientCas,
+}
+
+/// The rest of what a shard starts with.
+#[derive(Debug)]
+pub struct ShardInit {
+    /// The revocation list at start.
+    pub revocations: Arc<Revocations>,
+    /// `limits.max_pending_handshakes`.
+    pub max_handshaking: usize,
+    /// How many shards there are.
+    pub shard_count: usize,
+    /// This shard's mesh inbox.
+    pub mesh_rx: MeshInbox,
+    /// Relay queue caps.
+    pub relay_limits: RelayLimits,
+    /// Issuers of the client-certificate CAs.
+    pub client_cas: ClientCas,
+}
+
+/// Caps on what the relay queues for one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayLimits {
+    /// Output bytes above which requests and opens to a device are answered `busy`.
+    pub max_control_queue: usize,
+    /// Queued data bytes above which further data for the connection resets its stream.
+    pub max_bulk_queue: usize,
 }
 
 impl<D: Driver> std::fmt::Debug for Shard<D> {
@@ -119,9 +193,16 @@ impl<D: Driver> Shard<D> {
         tls_config: Arc<ServerConfig>,
         shared: Shared,
         commands: Receiver<Command>,
-        revocations: Arc<Revocations>,
-        max_handshaking: usize,
+        init: ShardInit,
     ) -> Self {
+        let ShardInit {
+            revocations,
+            max_handshaking,
+            shard_count,
+            mesh_rx,
+            relay_limits,
+            client_cas,
+        } = init;
         Self {
             id,
             driver,
@@ -145,6 +226,16 @@ impl<D: Driver> Shard<D> {
             handshaking: 0,
             max_handshaking: max_handshaking.max(1),
             paced: false,
+            shard_count,
+            directory: Directory::default(),
+            mesh: None,
+            mesh_rx,
+            mesh_backlog: VecDeque::new(),
+            mesh_dirty: 0,
+            stalled: Vec::new(),
+            managers: Vec::new(),
+            relay_limits,
+            client_cas,
         }
     }
 
@@ -182,6 +273,7 @@ impl<D: Driver> Shard<D> {
             for ev in events.drain(..) {
                 self.on_event(ev);
             }
+            self.after_batch();
         }
         tracing::debug!(shard = self.id, left = self.conns.len(), "shard stopped");
     }
@@ -240,6 +332,7 @@ impl<D: Driver> Shard<D> {
                     pool,
                     id,
                     revocations,
+                    client_cas,
                     ..
                 } = self;
                 let name = driver.name();
@@ -256,6 +349,7 @@ impl<D: Driver> Shard<D> {
                     pool,
                     onboarding: &shared.onboarding,
                     revocations,
+                    client_cas,
                 };
                 let conn = &mut conns[key.slot as usize];
                 let was_handshaking = conn.is_handshaking();
@@ -266,6 +360,7 @@ impl<D: Driver> Shard<D> {
                     self.handshake_ended();
                 }
                 self.take_request(key.slot as usize);
+                self.route_envelopes(key.slot as usize);
                 self.act(key.slot as usize);
             }
             Event::Eof { key } => {
@@ -288,7 +383,14 @@ impl<D: Driver> Shard<D> {
                 }
                 self.conns[key.slot as usize].in_flight = 0;
                 match result {
-                    Ok(()) => self.act(key.slot as usize),
+                    Ok(()) => {
+                        let slot = key.slot as usize;
+                        if self.conns[slot].bulk_bytes > 0 {
+                            let now = self.now_ms();
+                            self.with_cx(now, slot, |c, cx| c.pump_bulk(cx));
+                        }
+                        self.act(slot);
+                    }
                     Err(e) => {
                         tracing::debug!(shard = self.id, error = %e, "send failed");
                         self.stats().error(ErrorKind::Send);
@@ -310,11 +412,20 @@ impl<D: Driver> Shard<D> {
                         if self.sessions.get(&s.fingerprint) == Some(&key) {
                             self.sessions.remove(&s.fingerprint);
                         }
-                        self.shared.onboarding.close_session();
-                        let _ = self.shared.jobs.send(Job::SessionDown {
-                            fingerprint: crate::pki::Fingerprint(s.fingerprint),
-                        });
+                        if conn.management().is_some() {
+                            self.managers.retain(|k| *k != key);
+                        } else {
+                            self.shared.onboarding.close_session();
+                            let _ = self.shared.jobs.send(Job::SessionDown {
+                                fingerprint: crate::pki::Fingerprint(s.fingerprint),
+                                unit_id: s.unit_id.clone(),
+                                shard: self.id,
+                                conn: key,
+                            });
+                        }
                     }
+                    let mut conn = conn;
+                    conn.clear_bulk(&mut self.pool);
                     ShardStats::dec(&self.stats().connections);
                     if let Some(b) = (conn.out.capacity() > 0).then_some(conn.out) {
                         self.pool.give(b);
@@ -416,6 +527,7 @@ impl<D: Driver> Shard<D> {
             pool,
             id,
             revocations,
+            client_cas,
             ..
         } = self;
         let mut cx = Cx {
@@ -430,6 +542,7 @@ impl<D: Driver> Shard<D> {
             pool,
             onboarding: &shared.onboarding,
             revocations,
+            client_cas,
         };
         f(&mut conns[slot], &mut cx);
     }
@@ -463,6 +576,7 @@ impl<D: Driver> Shard<D> {
                 let fp = s.fingerprint;
                 let job = Job::SessionUp {
                     shard: self.id,
+                    conn: key,
                     fingerprint: crate::pki::Fingerprint(fp),
                     unit_id: s.unit_id.clone(),
                     source,
@@ -473,6 +587,13 @@ impl<D: Driver> Shard<D> {
                 job
             }
             Request::BadRegistration => Job::BadRegistration { source },
+            Request::ManagementUp => {
+                if let Some(s) = c.session() {
+                    self.sessions.insert(s.fingerprint, key);
+                }
+                self.managers.push(key);
+                return;
+            }
             Request::SessionRefused { unit_id, reason } => Job::SessionRefused {
                 unit_id,
                 source,
@@ -532,6 +653,13 @@ impl<D: Driver> Shard<D> {
     }
 
     fn on_commands(&mut self) {
+        // The mesh first: its inbox is bounded, the senders wait on it.
+        for _ in 0..crate::relay::MESH_CAPACITY {
+            match self.mesh_rx.try_recv() {
+                Ok(m) => self.on_mesh(m),
+                Err(_) => break,
+            }
+        }
         loop {
             match self.commands.try_recv() {
                 Ok(Command::TlsConfig(cfg)) => {
@@ -539,6 +667,11 @@ impl<D: Driver> Shard<D> {
                     self.tls_config = cfg;
                 }
                 Ok(Command::Shutdown { drain }) => self.begin_shutdown(drain),
+                Ok(Command::Mesh(m)) => self.mesh = Some(m),
+                Ok(Command::DirPut { unit, loc }) => self.directory.put(&unit, loc),
+                Ok(Command::DirDel { unit, loc }) => self.directory.remove(&unit, loc),
+                Ok(Command::Relay { to, env }) => self.deliver_local(to, true, env),
+                Ok(Command::Broadcast(env)) => self.broadcast_local(&env),
                 Ok(Command::Registered { conn, outcome }) => {
                     if self.live(conn) && !self.conns[conn.slot as usize].closing {
                         let now = self.now_ms();

@@ -4,6 +4,7 @@
 
 pub mod device;
 pub mod dnsmasq;
+pub mod mgmt;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,0 +1,422 @@
+//! The shard's half of the relay (`docs/protocol.md` §6, [`crate::relay`]): routing the
+//! envelopes its connections receive, delivering envelopes from other shards, answering on a
+//! peer's behalf when it is gone, and mesh backpressure.
+//!
+//! Envelopes travel between shards in one *transit form*: the management-side header (`unit` =
+//! the device) with `route` = the management connection's tag. Delivery to a device strips
+//! the unit; delivery to a management connection zeroes the route.
+
+use std::sync::Arc;
+
+use super::Shard;
+use crate::control::Job;
+use crate::driver::{ConnKey, Driver};
+use crate::metrics::{ErrorKind, ShardStats};
+use crate::proto::envelope::{self, Header, Kind, ResponseBody};
+use crate::relay::{MeshMsg, parse_route, route_of};
+
+/// A unit ID copied out of an envelope (no allocation).
+#[derive(Clone, Copy)]
+struct Unit {
+    buf: [u8; envelope::MAX_UNIT_LEN],
+    len: usize,
+}
+
+impl Unit {
+    fn new(s: &str) -> Unit {
+        let mut buf = [0u8; envelope::MAX_UNIT_LEN];
+        let len = s.len().min(buf.len());
+        buf[..len].copy_from_slice(&s.as_bytes()[..len]);
+        Unit { buf, len }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+/// The fixed fields of a header, copied out.
+#[derive(Clone, Copy)]
+struct Fields {
+    kind: Kind,
+    channel: u32,
+    route: u64,
+    unit: Unit,
+}
+
+impl Fields {
+    fn header(&self) -> Header<'_> {
+        Header {
+            kind: self.kind,
+            channel: self.channel,
+            route: self.route,
+            unit: self.unit.as_str(),
+        }
+    }
+}
+
+fn fields(env: &[u8]) -> Result<(Fields, usize), envelope::EnvelopeError> {
+    let (h, n) = Header::parse(env)?;
+    Ok((
+        Fields {
+            kind: h.kind,
+            channel: h.channel,
+            route: h.route,
+            unit: Unit::new(h.unit),
+        },
+        n,
+    ))
+}
+
+impl<D: Driver> Shard<D> {
+    /// Routes the envelopes connection `slot` just received.
+    pub(super) fn route_envelopes(&mut self, slot: usize) {
+        if self.conns[slot].relay_in.is_empty() {
+            return;
+        }
+        let key = self.key(slot);
+        let envs = std::mem::take(&mut self.conns[slot].relay_in);
+        let from_mgmt = self.conns[slot].management().is_some();
+        let device_unit = self.conns[slot]
+            .session()
+            .map(|s| Unit::new(&s.unit_id))
+            .filter(|_| !from_mgmt);
+        for env in envs {
+            let parsed = fields(&env);
+            match parsed {
+                Err(e) => {
+                    tracing::debug!(shard = self.id, error = %e, "bad envelope; closing");
+                    self.stats().error(ErrorKind::WebSocket);
+                    let now = self.now_ms();
+                    self.with_cx(now, slot, |c, cx| {
+                        c.protocol_close(cx);
+                    });
+                    self.pool.give(env);
+                    break;
+                }
+                Ok((f, body_at)) if from_mgmt => self.route_from_management(key, f, env, body_at),
+                Ok((f, body_at)) => {
+                    let unit = device_unit.unwrap_or(Unit::new(""));
+                    self.route_from_device(key, unit, f, env, body_at);
+                }
+            }
+        }
+        self.act(slot);
+    }
+
+    /// An envelope from a management connection.
+    fn route_from_management(&mut self, from: ConnKey, mut f: Fields, env: Vec<u8>, body_at: usize) {
+        ShardStats::inc(&self.stats().relay_in);
+        if f.unit.len == 0 {
+            // For the gateway itself.
+            if f.kind == Kind::Request {
+                let _ = self.shared.jobs.send(Job::Gateway {
+                    shard: self.id,
+                    conn: from,
+                    channel: f.channel,
+                    body: env[body_at..].to_vec(),
+                });
+            }
+            self.pool.give(env);
+            return;
+        }
+        f.route = route_of(self.id, from);
+        let Some(loc) = self.directory.get(f.unit.as_str()) else {
+            self.bounce(&f, "device_offline", "the device is not connected");
+            self.pool.give(env);
+            return;
+        };
+        let transit = self.transit(&f, &env[body_at..]);
+        self.pool.give(env);
+        self.relay_to(loc.shard, loc.conn, false, transit, Some(from));
+    }
+
+    /// An envelope from a device session: to the management connection named by its route,
+    /// or (an event with route 0) to all of them.
+    fn route_from_device(&mut self, from: ConnKey, unit: Unit, mut f: Fields, env: Vec<u8>, at: usize) {
+        ShardStats::inc(&self.stats().relay_in);
+        f.unit = unit;
+        let transit = self.transit(&f, &env[at..]);
+        self.pool.give(env);
+        if f.route == 0 {
+            if f.kind == Kind::Event {
+                self.broadcast(transit);
+            } else {
+                self.pool.give(transit);
+            }
+            return;
+        }
+        let (shard, to) = parse_route(f.route);
+        if shard >= self.shard_count {
+            self.pool.give(transit);
+            return;
+        }
+        self.relay_to(shard, to, true, transit, Some(from));
+    }
+
+    /// A transit-form envelope in a pooled buffer.
+    fn transit(&mut self, f: &Fields, body: &[u8]) -> Vec<u8> {
+        let mut v = self.pool.take();
+        v.clear();
+        envelope::write(&mut v, &f.header(), body);
+        v
+    }
+
+    /// Sends a transit envelope to a connection here or on another shard. `source` is paused
+    /// if the other shard's inbox is full.
+    fn relay_to(
+        &mut self,
+        shard: usize,
+        to: ConnKey,
+        to_management: bool,
+        env: Vec<u8>,
+        source: Option<ConnKey>,
+    ) {
+        if shard == self.id {
+            self.deliver_local(to, to_management, env);
+            return;
+        }
+        let msg = MeshMsg::Deliver {
+            to,
+            to_management,
+            env,
+            from_shard: self.id,
+            reply_route: 0,
+        };
+        self.mesh_send(shard, msg, source);
+    }
+
+    fn mesh_send(&mut self, shard: usize, msg: MeshMsg, source: Option<ConnKey>) {
+        let Some(mesh) = self.mesh.clone() else {
+            if let MeshMsg::Deliver { env, .. } | MeshMsg::Recycle(env) = msg {
+                self.pool.give(env);
+            }
+            return;
+        };
+        let result = if self.mesh_backlog.is_empty() {
+            mesh.try_send(shard, msg)
+        } else {
+            Err(msg)
+        };
+        match result {
+            Ok(()) => self.mesh_dirty |= 1 << shard,
+            Err(msg) => {
+                // Backpressure: keep it, stop reading from whoever sent it.
+                self.mesh_backlog.push_back((shard, msg));
+                if let Some(src) = source {
+                    self.stall(src);
+                }
+            }
+        }
+    }
+
+    /// Pauses reading from a connection until the mesh backlog has drained.
+    fn stall(&mut self, key: ConnKey) {
+        if !self.live(key) {
+            return;
+        }
+        let c = &mut self.conns[key.slot as usize];
+        if !c.paused {
+            c.paused = true;
+            c.stalled = true;
+            self.driver.pause_recv(key);
+            self.stalled.push(key);
+            self.stats().error(ErrorKind::Backpressure);
+        }
+    }
+
+    /// Called once per loop turn: retries the mesh backlog, resumes stalled connections once
+    /// it is empty, and wakes every shard that got messages (one wake-up per shard per turn).
+    pub(super) fn after_batch(&mut self) {
+        if let Some(mesh) = self.mesh.clone() {
+            while let Some((shard, msg)) = self.mesh_backlog.pop_front() {
+                match mesh.try_send(shard, msg) {
+                    Ok(()) => self.mesh_dirty |= 1 << shard,
+                    Err(msg) => {
+                        self.mesh_backlog.push_front((shard, msg));
+                        break;
+                    }
+                }
+            }
+            if self.mesh_backlog.is_empty() && !self.stalled.is_empty() {
+                for key in std::mem::take(&mut self.stalled) {
+                    if self.live(key) {
+                        let c = &mut self.conns[key.slot as usize];
+                        if c.stalled {
+                            c.stalled = false;
+                            c.paused = false;
+                            self.driver.resume_recv(key);
+                        }
+                    }
+                }
+            }
+            let mut dirty = std::mem::take(&mut self.mesh_dirty);
+            while dirty != 0 {
+                let s = dirty.trailing_zeros() as usize;
+                dirty &= dirty - 1;
+                if let Some(w) = mesh.wakers.get(s) {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Delivers a transit envelope to a connection of this shard, or answers for it.
+    pub(super) fn deliver_local(&mut self, to: ConnKey, to_management: bool, env: Vec<u8>) {
+        let Ok((f, at)) = fields(&env) else {
+            self.pool.give(env);
+            return;
+        };
+        let ok_target = self.live(to) && {
+            let c = &self.conns[to.slot as usize];
+            !c.closing && c.accepts_relay() && (c.management().is_some() == to_management)
+        };
+        if !ok_target {
+            if to_management {
+                self.bounce_to_device(&f, "link_closed", "the management connection is gone");
+            } else {
+                self.bounce(&f, "device_offline", "the device is not connected");
+            }
+            self.pool.give(env);
+            return;
+        }
+        let slot = to.slot as usize;
+        // Control beyond the cap: a request is answered `busy` instead of queued.
+        let c = &self.conns[slot];
+        if !to_management
+            && matches!(f.kind, Kind::Request | Kind::Open)
+            && c.queued() + c.bulk_bytes > self.relay_limits.max_control_queue
+        {
+            self.bounce(&f, "busy", "the device is not reading; try again later");
+            self.pool.give(env);
+            return;
+        }
+        if f.kind.is_bulk() && c.bulk_bytes > self.relay_limits.max_bulk_queue {
+            // A sender that ignores credit: its stream is reset.
+            ShardStats::inc(&self.stats().relay_dropped);
+            if to_management {
+                self.bounce_to_device(&f, "busy", "stream over its window");
+            } else {
+                self.bounce(&f, "busy", "stream over its window");
+            }
+            self.pool.give(env);
+            return;
+        }
+        let mut h = f.header();
+        if to_management {
+            h.route = 0;
+        } else {
+            h.unit = "";
+        }
+        let now = self.now_ms();
+        let body = &env[at..];
+        self.with_cx(now, slot, |c, cx| {
+            c.deliver(&h, body, cx);
+        });
+        ShardStats::inc(&self.stats().relay_out);
+        self.pool.give(env);
+        self.act(slot);
+    }
+
+    /// Answers the management side for a message that could not reach its device: a request
+    /// gets a response with `code`, a stream message a reset (a reset itself is dropped).
+    fn bounce(&mut self, f: &Fields, code: &str, message: &str) {
+        let kind = match f.kind {
+            Kind::Request => Kind::Response,
+            Kind::Open | Kind::Accept | Kind::Data | Kind::Credit | Kind::Close => Kind::Reset,
+            Kind::Reset | Kind::Response | Kind::Event => return,
+        };
+        let body = if kind == Kind::Response {
+            ResponseBody::err(code, message).to_vec()
+        } else {
+            reset_body(code, message)
+        };
+        let reply = Fields { kind, ..*f };
+        let env = self.transit(&reply, &body);
+        let (shard, to) = parse_route(f.route);
+        if f.route == 0 || shard >= self.shard_count {
+            self.pool.give(env);
+            return;
+        }
+        self.relay_to(shard, to, true, env, None);
+    }
+
+    /// Answers a device for a stream message whose management connection is gone.
+    fn bounce_to_device(&mut self, f: &Fields, code: &str, message: &str) {
+        if !f.kind.is_stream() || f.kind == Kind::Reset {
+            return;
+        }
+        let Some(loc) = self.directory.get(f.unit.as_str()) else {
+            return;
+        };
+        let reply = Fields {
+            kind: Kind::Reset,
+            ..*f
+        };
+        let env = self.transit(&reply, &reset_body(code, message));
+        self.relay_to(loc.shard, loc.conn, false, env, None);
+    }
+
+    /// Sends a transit envelope to every management connection of every shard.
+    pub(super) fn broadcast(&mut self, env: Vec<u8>) {
+        let shared: Arc<[u8]> = env.as_slice().into();
+        self.pool.give(env);
+        self.broadcast_local(&shared);
+        for s in 0..self.shard_count {
+            if s != self.id {
+                self.mesh_send(s, MeshMsg::Broadcast(shared.clone()), None);
+            }
+        }
+    }
+
+    /// Delivers a transit envelope to this shard's management connections.
+    pub(super) fn broadcast_local(&mut self, env: &[u8]) {
+        let Ok((f, at)) = fields(env) else { return };
+        let mut h = f.header();
+        h.route = 0;
+        let now = self.now_ms();
+        for i in 0..self.managers.len() {
+            let key = self.managers[i];
+            if !self.live(key) {
+                continue;
+            }
+            let slot = key.slot as usize;
+            self.with_cx(now, slot, |c, cx| {
+                c.deliver(&h, &env[at..], cx);
+            });
+            self.act(slot);
+        }
+    }
+
+    /// Handles one message from another shard's mesh.
+    pub(super) fn on_mesh(&mut self, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Deliver {
+                to,
+                to_management,
+                env,
+                from_shard,
+                ..
+            } => {
+                // The buffer joins our pool; one of ours goes home in exchange, so neither
+                // shard allocates in steady state.
+                self.deliver_local(to, to_management, env);
+                if from_shard != self.id {
+                    let back = self.pool.take();
+                    if back.capacity() > 0 {
+                        self.mesh_send(from_shard, MeshMsg::Recycle(back), None);
+                    }
+                }
+            }
+            MeshMsg::Broadcast(env) => self.broadcast_local(&env),
+            MeshMsg::Recycle(buf) => self.pool.give(buf),
+        }
+    }
+}
+
+fn reset_body(code: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "error": { "code": code, "message": message }
+    }))
+    .unwrap_or_default()
+}
