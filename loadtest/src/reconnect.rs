@@ -111,7 +111,13 @@ pub struct ReconnectSummary {
     pub timeouts_by_step: BTreeMap<String, u64>,
     pub error_samples: BTreeMap<String, String>,
     pub gateway_rss_bytes: Option<u64>,
+    /// CPU seconds of the new gateway from its start to the end of the storm
+    /// (`--start-cmd` mode only).
+    pub gateway_storm_cpu_secs: Option<f64>,
     pub generator_rss_bytes: u64,
+    /// CPU seconds of all workers: the whole run, and from the restart to the end of the storm.
+    pub generator_cpu_secs: f64,
+    pub generator_storm_cpu_secs: Option<f64>,
     pub setup: ReconnectSetup,
 }
 
@@ -349,11 +355,18 @@ async fn execute(args: ReconnectArgs, plan: FleetPlan, devices: u64) -> Result<E
     let mut connected_before = 0;
     let mut t_stop = unix_ms();
     let mut listen_at: Option<u64> = None;
+    let mut generator_cpu_at_mark: Option<f64> = None;
     if aborted.is_none() && pump(&mut pool, Duration::from_secs(1)).await? {
         connected_before = pool.total().connected;
         eprintln!(
             "loadtest: {connected_before} devices connected in {:.1} s; restarting the gateway",
             initial_connect.as_secs_f64()
+        );
+        generator_cpu_at_mark = Some(
+            pool.workers
+                .iter()
+                .filter_map(|w| sys::cpu_secs(w.pid))
+                .sum(),
         );
         match restart(&args, &plan, &mut pool, &mut times).await {
             Ok((stop, listen)) => {
@@ -410,6 +423,15 @@ async fn execute(args: ReconnectArgs, plan: FleetPlan, devices: u64) -> Result<E
             pump(&mut pool, Duration::from_secs_f64(args.hold)).await?;
         }
     }
+    let gateway_storm_cpu = times.new_pid.and_then(sys::cpu_secs);
+    let generator_storm_cpu = generator_cpu_at_mark.map(|before| {
+        let now: f64 = pool
+            .workers
+            .iter()
+            .filter_map(|w| sys::cpu_secs(w.pid))
+            .sum();
+        summary::round2(now - before)
+    });
     let gateway_rss = times
         .new_pid
         .or(if times.mode == "pid" {
@@ -437,6 +459,11 @@ async fn execute(args: ReconnectArgs, plan: FleetPlan, devices: u64) -> Result<E
         generator_rss,
         initial_connect,
     );
+    let summary = ReconnectSummary {
+        gateway_storm_cpu_secs: gateway_storm_cpu.map(summary::round2),
+        generator_storm_cpu_secs: generator_storm_cpu,
+        ..summary
+    };
     print_human(&summary);
     let json = serde_json::to_string_pretty(&summary)?;
     println!("{json}");
@@ -623,9 +650,11 @@ fn summarize(
     let mut attempts = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 1_000_000, 3)
         .expect("valid histogram bounds");
     let mut reauth_at = Vec::new();
+    let mut generator_cpu = 0f64;
     let (mut first_loss, mut last_loss): (Option<u64>, Option<u64>) = (None, None);
     for r in pool.results() {
         pool::add_progress(&mut total, &r.progress);
+        generator_cpu += r.cpu_secs;
         for (k, v) in r.error_samples {
             samples.entry(k).or_insert(v);
         }
@@ -712,7 +741,10 @@ fn summarize(
         timeouts_by_step: total.timeouts,
         error_samples: samples,
         gateway_rss_bytes: gateway_rss,
+        gateway_storm_cpu_secs: None,
         generator_rss_bytes: generator_rss,
+        generator_cpu_secs: summary::round2(generator_cpu),
+        generator_storm_cpu_secs: None,
         setup: ReconnectSetup {
             server_addr: plan.addr.to_string(),
             workers: plan.workers.len(),
@@ -755,6 +787,13 @@ fn print_human(s: &ReconnectSummary) {
         s.downtime_ms.max,
         s.attempts_per_device.p50,
         s.attempts_per_device.max
+    );
+    eprintln!(
+        "loadtest: CPU during the storm: new gateway {} s, load generator {} s",
+        s.gateway_storm_cpu_secs
+            .map_or("?".to_owned(), |c| format!("{c:.2}")),
+        s.generator_storm_cpu_secs
+            .map_or("?".to_owned(), |c| format!("{c:.2}"))
     );
     if !s.refusals.is_empty() {
         eprintln!("loadtest: refusals: {:?}", s.refusals);
