@@ -16,6 +16,7 @@ pub mod admin;
 pub mod agent;
 pub mod buf;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod discovery;

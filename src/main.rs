@@ -65,6 +65,13 @@ enum Command {
     /// stay connected with its credential. Prints `connection ready` on standard output each
     /// time the session is ready; everything else goes to standard error.
     Agent(fleetgate::cli::agent::AgentArgs),
+    /// Management client certificates: add (writes NAME.pem, NAME.key, gateway-root.pem),
+    /// list, revoke.
+    #[command(subcommand)]
+    Mgmt(fleetgate::cli::mgmt::MgmtCommand),
+    /// The management console: talk to a gateway over /usg/management with a management
+    /// client certificate (devices, commands, files, terminal, screen shadowing, keys, limits).
+    Console(fleetgate::cli::console::ConsoleArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -209,6 +216,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Agent(args) => fleetgate::cli::agent::run(args),
+        Command::Mgmt(cmd) => load_config(cli.config.as_ref(), cli.data_dir)
+            .and_then(|c| fleetgate::cli::mgmt::run(cmd, &c.server.data_dir)),
+        Command::Console(args) => fleetgate::cli::console::run(args),
         Command::Config(ConfigCommand::Defaults) => {
             match toml::to_string_pretty(&Config::default()) {
                 Ok(s) => {

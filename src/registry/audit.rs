@@ -19,6 +19,10 @@ pub mod action {
     pub const KEY_DELETE: &str = "key_delete";
     /// A device credential was revoked (`detail`: `removed` or `superseded`).
     pub const DEVICE_REVOKE: &str = "device_revoke";
+    /// A management client certificate was issued (`detail`: its name).
+    pub const MGMT_ADD: &str = "mgmt_add";
+    /// A management client certificate was revoked (`detail`: its name).
+    pub const MGMT_REVOKE: &str = "mgmt_revoke";
     /// An online backup was written (`detail`: the destination).
     pub const BACKUP: &str = "backup";
 }

@@ -67,6 +67,23 @@ pub enum RegistryError {
     /// No device (active or revoked) has this unit ID.
     #[error("no device with unit ID {0}")]
     DeviceNotFound(String),
+    /// A management client name breaks the rules (see
+    /// [`check_management_name`](crate::registry::check_management_name)).
+    #[error("invalid management client name {name:?}: {reason}")]
+    InvalidManagementName {
+        /// The name as given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// A management certificate that is not revoked already has this name.
+    #[error(
+        "a management client named {0:?} already exists; revoke it first or choose another name"
+    )]
+    ManagementNameInUse(String),
+    /// No active (not revoked) management certificate has this name.
+    #[error("no active management client named {0:?}")]
+    ManagementClientNotFound(String),
     /// The database contradicts an invariant the registry keeps (a bug or outside tampering).
     #[error("registry inconsistency: {0}")]
     Inconsistent(String),
@@ -93,6 +110,9 @@ impl RegistryError {
                 | RegistryError::UnitList(_)
                 | RegistryError::BadCount(_)
                 | RegistryError::DeviceNotFound(_)
+                | RegistryError::InvalidManagementName { .. }
+                | RegistryError::ManagementNameInUse(_)
+                | RegistryError::ManagementClientNotFound(_)
         )
     }
 }

@@ -48,8 +48,8 @@
 //! # Files in this module
 //!
 //! [`key`] key values · [`unit`](mod@unit) unit IDs and lists · [`schema`] migrations · [`reason`] wire
-//! codes · `keys` key administration · `consume` registration · `devices` devices · `audit` the
-//! audit log · [`limiter`] the per-source failure limiter · `backup` online backup.
+//! codes · `keys` key administration · `consume` registration · `devices` devices · `management`
+//! management client certificates · `audit` the audit log · [`limiter`] the per-source failure limiter · `backup` online backup.
 
 #![forbid(unsafe_code)]
 
@@ -61,6 +61,7 @@ mod error;
 pub mod key;
 mod keys;
 pub mod limiter;
+mod management;
 pub mod reason;
 pub mod schema;
 pub mod unit;
@@ -77,6 +78,7 @@ pub use error::RegistryError;
 pub use key::{KeyKind, KeyRef};
 pub use keys::{KeyFilter, KeyInfo, KeyState, NewKey};
 pub use limiter::{FailureLimiter, RateLimitConfig, Throttled};
+pub use management::{ManagementClient, NewManagementClient, check_management_name};
 pub use reason::Reason;
 
 /// The registry's file name inside the data dir.

@@ -30,6 +30,13 @@
 //!   registration and when the device acknowledges a new root during a root exchange, so the
 //!   gateway can report how many devices still lack the new root. NULL for devices registered
 //!   before version 2 (unknown).
+//!
+//! # Version 3
+//!
+//! * `management_clients` — one row per management client certificate issued by
+//!   `fleetgate mgmt add` (the management CA): `name` (the certificate's CN, unique, case
+//!   insensitive), `fingerprint` (SHA-256 of the certificate, unique), `serial`, `not_after`,
+//!   `issued_at`, `revoked_at` (`fleetgate mgmt revoke`; a revoked name may be reused).
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 
@@ -39,7 +46,7 @@ pub const LATEST: u32 = MIGRATIONS.len() as u32;
 type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 
 /// `MIGRATIONS[n]`: version `n` → `n + 1`.
-const MIGRATIONS: &[Migration] = &[v0_to_v1, v1_to_v2];
+const MIGRATIONS: &[Migration] = &[v0_to_v1, v1_to_v2, v2_to_v3];
 
 fn v0_to_v1(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute_batch(
@@ -91,6 +98,24 @@ fn v0_to_v1(tx: &Transaction<'_>) -> rusqlite::Result<()> {
 
 fn v1_to_v2(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute_batch("ALTER TABLE devices ADD COLUMN root_fingerprint BLOB;")
+}
+
+fn v2_to_v3(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    // `name` is unique only among certificates not revoked (a revoked name may be issued
+    // again); the partial index enforces it. Every name ever issued stays listed.
+    tx.execute_batch(
+        "CREATE TABLE management_clients (
+            id          INTEGER PRIMARY KEY,
+            name        TEXT    NOT NULL COLLATE NOCASE,
+            fingerprint BLOB    NOT NULL UNIQUE CHECK (length(fingerprint) = 32),
+            serial      BLOB    NOT NULL,
+            not_after   INTEGER NOT NULL,
+            issued_at   INTEGER NOT NULL,
+            revoked_at  INTEGER
+        );
+        CREATE UNIQUE INDEX management_clients_active_name
+            ON management_clients (name) WHERE revoked_at IS NULL;",
+    )
 }
 
 /// The outcome of [`migrate`].
