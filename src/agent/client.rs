@@ -1,6 +1,7 @@
 //! One connection to the gateway: first contact (fingerprint), registration, session.
 
 use std::io::ErrorKind;
+use std::os::fd::AsFd as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,11 +16,13 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{HandshakeError, WebSocket};
 
 use super::backoff::StopHandle;
+use super::relay::{Relay, RelayAction, Reply};
 use super::state::{AgentState, Connector, Credential, Trust, parse_device_cert};
 use super::tls::{self, TlsStream, io_error};
 use super::{AgentError, AgentOptions, Refusal};
 use crate::pki::Fingerprint;
 use crate::proto::device::{Hello, Message, Mode, Register};
+use crate::proto::envelope::ResponseBody;
 
 /// What the first contact with a gateway found (`docs/protocol.md` §5.2).
 #[derive(Debug, Clone)]
@@ -177,7 +180,7 @@ pub fn register(
         },
     })
     .to_json();
-    let config = tls::client_config(&trust, state.pinned_root(), None)?;
+    let config = state.tls_config(None)?;
     let attempts = options.register_attempts.max(1);
     let mut attempt = 0;
     let answer = loop {
@@ -260,7 +263,7 @@ fn register_once(
                 });
             }
             Incoming::Closed(frame) => return Err(closed_error(connector, frame, "the answer")),
-            Incoming::Ignored => {}
+            Incoming::Ignored | Incoming::Binary(_) => {}
             Incoming::Timeout if Instant::now() >= deadline => {
                 return Err(AgentError::Connect {
                     connector: connector.url(),
@@ -273,11 +276,22 @@ fn register_once(
 }
 
 /// A device session: connected with the credential, greeted with a session `hello`.
+///
+/// With a [`Relay`] attached ([`Session::attach_relay`]), [`Session::poll`] serves the
+/// relay's envelopes (`docs/protocol.md` §6): the socket is then non-blocking, and the poll
+/// waits on it and on the relay's waker, so answers and stream data leave as soon as they
+/// are ready.
 pub struct Session {
     ws: WebSocket<TlsStream>,
     connector: Connector,
     hello: Hello,
     unit_id: String,
+    poll_interval: Duration,
+    relay: Option<Relay>,
+    /// The socket is in non-blocking mode.
+    nonblocking: bool,
+    /// The last flush could not finish: wait for the socket to be writable, add no bulk.
+    blocked: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -298,9 +312,9 @@ pub fn connect_session(
     connector: &Connector,
     options: &AgentOptions,
 ) -> Result<Session, AgentError> {
-    let trust = state.config.trust.ok_or(AgentError::NoTrust)?;
+    state.config.trust.ok_or(AgentError::NoTrust)?;
     let credential = state.credential()?.ok_or(AgentError::NotRegistered)?;
-    let config = tls::client_config(&trust, state.pinned_root(), Some(&credential))?;
+    let config = state.tls_config(Some(&credential))?;
     connect_session_with(connector, config, options)
 }
 
@@ -329,6 +343,10 @@ pub fn connect_session_with(
         connector: connector.clone(),
         hello,
         unit_id,
+        poll_interval: options.poll_interval,
+        relay: None,
+        nonblocking: false,
+        blocked: false,
     })
 }
 
@@ -348,27 +366,191 @@ impl Session {
         &self.hello
     }
 
+    /// Serves the relay (`docs/protocol.md` §6) in this session from now on.
+    pub fn attach_relay(&mut self, relay: Relay) {
+        self.relay = Some(relay);
+    }
+
+    /// The relay, if attached.
+    pub fn relay(&self) -> Option<&Relay> {
+        self.relay.as_ref()
+    }
+
+    /// The next request the run loop must finish ([`RelayAction`]).
+    pub fn take_action(&mut self) -> Option<RelayAction> {
+        self.relay.as_mut()?.take_action()
+    }
+
+    /// Queues the answer to a request (sent by the next [`poll`](Self::poll) or
+    /// [`flush_relay`](Self::flush_relay)).
+    pub fn respond(&mut self, reply: Reply, body: &ResponseBody) {
+        if let Some(r) = self.relay.as_mut() {
+            r.respond(reply, body);
+        }
+    }
+
     /// Waits up to the poll interval for traffic (pings are answered on the way). `Ok(())`
     /// while the session lives; an error when it ended: [`AgentError::Refused`] when the
     /// gateway refused it (device removed, superseded, …), [`AgentError::Closed`] for a close
     /// frame, another error for a broken connection.
+    ///
+    /// With a relay attached, binary messages are handed to it and what it has to send is
+    /// written (control before bulk).
     pub fn poll(&mut self) -> Result<(), AgentError> {
-        match read_incoming(&mut self.ws, &self.connector)? {
-            Incoming::Message(Message::Refused(r)) => {
+        if self.relay.is_none() {
+            return match read_incoming(&mut self.ws, &self.connector)? {
+                Incoming::Closed(frame) => Err(closed_error(&self.connector, frame, "")),
+                Incoming::Message(m) => self.text(m),
+                Incoming::Binary(_) | Incoming::Ignored | Incoming::Timeout => Ok(()),
+            };
+        }
+        if !self.nonblocking {
+            self.ws
+                .get_ref()
+                .get_ref()
+                .set_nonblocking(true)
+                .map_err(|e| io_error(&self.connector, e))?;
+            self.nonblocking = true;
+        }
+        let more = self.pump()?;
+        self.wait(if more {
+            Duration::ZERO
+        } else {
+            self.poll_interval
+        })?;
+        if let Some(r) = &self.relay {
+            r.drain_waker();
+        }
+        if !self.blocked {
+            // A bounded batch, then the outbound side gets its turn.
+            for _ in 0..256 {
+                match read_incoming(&mut self.ws, &self.connector)? {
+                    Incoming::Binary(b) => {
+                        if let Some(r) = self.relay.as_mut() {
+                            r.handle(&b);
+                        }
+                    }
+                    Incoming::Message(m) => self.text(m)?,
+                    Incoming::Closed(frame) => {
+                        return Err(closed_error(&self.connector, frame, ""));
+                    }
+                    Incoming::Ignored => {}
+                    Incoming::Timeout => break,
+                }
+            }
+        }
+        self.pump()?;
+        Ok(())
+    }
+
+    fn text(&mut self, m: Message) -> Result<(), AgentError> {
+        match m {
+            Message::Refused(r) => {
                 close_quietly(&mut self.ws);
                 Err(AgentError::Refused(Refusal::from(r)))
             }
-            Incoming::Message(other) => {
+            other => {
                 tracing::debug!(message = %other.to_json(), "ignoring a message in the session");
                 Ok(())
             }
-            Incoming::Closed(frame) => Err(closed_error(&self.connector, frame, "")),
-            Incoming::Ignored | Incoming::Timeout => Ok(()),
         }
+    }
+
+    /// Waits until the socket is readable (or writable while blocked), the relay's waker
+    /// fires, or `timeout` passes.
+    fn wait(&mut self, timeout: Duration) -> Result<(), AgentError> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let sock = self.ws.get_ref().get_ref().as_fd();
+        let interest = if self.blocked {
+            PollFlags::POLLOUT
+        } else {
+            PollFlags::POLLIN
+        };
+        let mut fds = vec![PollFd::new(sock, interest)];
+        if let Some(r) = &self.relay {
+            fds.push(PollFd::new(r.waker(), PollFlags::POLLIN));
+        }
+        let t = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, t) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(io_error(&self.connector, e.into())),
+        }
+    }
+
+    /// Writes what the relay has queued: control first, bulk only while the socket keeps up.
+    /// True when more is waiting (the batch limit was reached).
+    fn pump(&mut self) -> Result<bool, AgentError> {
+        if self.blocked {
+            match self.ws.flush() {
+                Ok(()) => self.blocked = false,
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    return Ok(false);
+                }
+                Err(e) => return Err(ws_error(&self.connector, e)),
+            }
+        }
+        let Some(relay) = self.relay.as_mut() else {
+            return Ok(false);
+        };
+        let mut wrote = false;
+        let mut more = false;
+        let mut count = 0;
+        loop {
+            if count == 64 {
+                more = true;
+                break;
+            }
+            let Some(msg) = relay.next_control().or_else(|| relay.next_bulk()) else {
+                break;
+            };
+            count += 1;
+            wrote = true;
+            match self.ws.write(tungstenite::Message::binary(msg)) {
+                Ok(()) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    // Kept in tungstenite's buffer; wait until the socket takes more.
+                    self.blocked = true;
+                    return Ok(false);
+                }
+                Err(e) => return Err(ws_error(&self.connector, e)),
+            }
+        }
+        if wrote {
+            match self.ws.flush() {
+                Ok(()) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    self.blocked = true;
+                }
+                Err(e) => return Err(ws_error(&self.connector, e)),
+            }
+        }
+        Ok(more)
+    }
+
+    /// Sends what the relay has queued (answers first), for up to `limit`: before closing
+    /// the session after a `move`.
+    pub fn flush_relay(&mut self, limit: Duration) -> Result<(), AgentError> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            self.pump()?;
+            let idle = self.relay.as_ref().is_none_or(Relay::idle);
+            if idle && !self.blocked {
+                return Ok(());
+            }
+            self.wait(Duration::from_millis(20))?;
+        }
+        Ok(())
     }
 
     /// Closes the session (close code 1000), waiting briefly for the gateway's answer.
     pub fn close(mut self) {
+        // The relay's streams end first (shells killed, sockets shut, temp files deleted).
+        self.relay = None;
+        if self.nonblocking {
+            let sock = self.ws.get_ref().get_ref();
+            let _ = sock.set_nonblocking(false);
+            let _ = tls::set_timeouts(sock, Duration::from_millis(100));
+        }
         let _ = self.ws.close(Some(CloseFrame {
             code: CloseCode::Normal,
             reason: "agent stopping".into(),
@@ -425,7 +607,7 @@ fn read_hello(
                 });
             }
             Incoming::Closed(frame) => return Err(closed_error(connector, frame, "hello")),
-            Incoming::Ignored => {}
+            Incoming::Ignored | Incoming::Binary(_) => {}
             Incoming::Timeout if Instant::now() >= deadline => {
                 return Err(AgentError::Connect {
                     connector: connector.url(),
@@ -439,8 +621,10 @@ fn read_hello(
 
 enum Incoming {
     Message(Message),
+    /// A binary message: a relay envelope.
+    Binary(tungstenite::Bytes),
     Closed(Option<CloseFrame>),
-    /// Control frames, binary messages, unknown message types.
+    /// Control frames, unknown message types.
     Ignored,
     Timeout,
 }
@@ -457,6 +641,7 @@ fn read_incoming(
                 Ok(Incoming::Ignored)
             }
         },
+        Ok(tungstenite::Message::Binary(b)) => Ok(Incoming::Binary(b)),
         Ok(tungstenite::Message::Close(frame)) => {
             // tungstenite queued the answering close; send it.
             let _ = ws.flush();

@@ -56,6 +56,7 @@
 pub mod backoff;
 pub mod client;
 pub mod prompt;
+pub mod relay;
 pub mod run;
 pub mod state;
 pub mod tls;

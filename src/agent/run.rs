@@ -4,10 +4,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use super::backoff::StopHandle;
 use super::client::{Session, check_expiry, connect_session_with};
+use super::relay::{Relay, RelayAction, RelayConfig, apply_move};
 use super::state::{AgentState, Connector, Credential, Trust};
-use super::{AgentError, AgentEvent, AgentOptions, Refusal, tls};
+use super::{AgentError, AgentEvent, AgentOptions, Refusal};
+use crate::pki::Fingerprint;
+use crate::proto::envelope::ResponseBody;
 
 /// How [`run`] ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +62,7 @@ pub fn run(
     // The TLS configuration is kept while the credential and trust stay the same: it holds the
     // session tickets, so reconnects (a gateway restart included: the gateway keeps its ticket
     // keys) resume instead of running full handshakes.
-    let mut cached: Option<(Vec<u8>, Trust, Arc<rustls::ClientConfig>)> = None;
+    let mut cached: Option<(Vec<u8>, Anchors, Arc<rustls::ClientConfig>)> = None;
     loop {
         if stop.is_stopped() {
             return Ok(RunOutcome::Stopped);
@@ -74,13 +79,14 @@ pub fn run(
             return Err(AgentError::NoConnectors);
         }
         check_expiry(&credential)?;
+        let anchors = (trust, state.config.extra_roots.clone());
         let config = match &cached {
-            Some((cert, t, config)) if *cert == credential.cert.as_ref() && *t == trust => {
+            Some((cert, a, config)) if *cert == credential.cert.as_ref() && *a == anchors => {
                 config.clone()
             }
             _ => {
-                let config = tls::client_config(&trust, state.pinned_root(), Some(&credential))?;
-                cached = Some((credential.cert.to_vec(), trust, config.clone()));
+                let config = state.tls_config(Some(&credential))?;
+                cached = Some((credential.cert.to_vec(), anchors, config.clone()));
                 config
             }
         };
@@ -120,6 +126,7 @@ pub fn run(
             session.close();
             return Ok(RunOutcome::Ready);
         }
+        attach_relay(&mut session, state, options, &credential);
 
         // Connected: stay until the session ends, moving back to the first connector when it
         // answers again.
@@ -131,7 +138,10 @@ pub fn run(
                 return Ok(RunOutcome::Stopped);
             }
             if let Err(e) = session.poll() {
-                break e;
+                break End::Error(e);
+            }
+            if let Some(to) = finish_actions(&mut session, state) {
+                break End::Moved(to);
             }
             let now = Instant::now();
             if now >= next_config_check {
@@ -159,6 +169,7 @@ pub fn run(
                         session = back;
                         index = 0;
                         on_event(ready(&session, &credential));
+                        attach_relay(&mut session, state, options, &credential);
                     }
                     Err(e) => {
                         failed(state, &credential, first, e, on_event)?;
@@ -168,6 +179,19 @@ pub fn run(
             }
         };
         let connector = session.connector().clone();
+        let end = match end {
+            End::Error(e) => e,
+            End::Moved(to) => {
+                session.close();
+                on_event(AgentEvent::Disconnected {
+                    connector,
+                    reason: format!("moved to {to}"),
+                });
+                // Straight to the new gateway (now the first connector).
+                attempt = 0;
+                continue;
+            }
+        };
         drop(session);
         let retry_after = match end {
             AgentError::Refused(_) => failed(state, &credential, &connector, end, on_event)?,
@@ -190,6 +214,74 @@ pub fn run(
             return Ok(RunOutcome::Stopped);
         }
     }
+}
+
+/// What the TLS configuration trusts: the trust and the further roots.
+type Anchors = (Trust, Vec<Fingerprint>);
+
+/// How a connected session ended.
+enum End {
+    Error(AgentError),
+    /// `move` succeeded: reconnect to the new first connector.
+    Moved(Connector),
+}
+
+/// Serves the relay (`docs/protocol.md` §6) in `session` with the settings of `state`.
+fn attach_relay(
+    session: &mut Session,
+    state: &AgentState,
+    options: &AgentOptions,
+    credential: &Credential,
+) {
+    let unit_id = if session.unit_id().is_empty() {
+        credential.unit_id.clone()
+    } else {
+        session.unit_id().to_owned()
+    };
+    let config = RelayConfig::from_state(state, &unit_id);
+    let mut relay_options = options.clone();
+    relay_options.once = false;
+    match Relay::new(config, state.clone(), relay_options) {
+        Ok(relay) => session.attach_relay(relay),
+        Err(e) => tracing::warn!("relay unavailable in this session: {e}"),
+    }
+}
+
+/// Finishes the requests that change the state (`root.offer`, `move`); returns the new
+/// gateway after a successful move (its answer has been sent).
+fn finish_actions(session: &mut Session, state: &mut AgentState) -> Option<Connector> {
+    while let Some(action) = session.take_action() {
+        match action {
+            RelayAction::RootOffer { reply, root } => {
+                let answer = match state.add_root(&root) {
+                    Ok((fp, added)) => {
+                        tracing::info!(fingerprint = %fp.hex(), added, "root offered by the gateway");
+                        ResponseBody::ok(json!({
+                            "accepted": true,
+                            "fingerprint": fp.hex(),
+                            "added": added,
+                        }))
+                    }
+                    Err(e) => ResponseBody::err("internal_error", e.to_string()),
+                };
+                session.respond(reply, &answer);
+            }
+            RelayAction::Move { reply, plan } => match apply_move(state, &plan) {
+                Ok(()) => {
+                    session.respond(reply, &ResponseBody::ok(json!({ "moved": true })));
+                    let _ = session.flush_relay(Duration::from_secs(2));
+                    return Some(plan.connector);
+                }
+                Err(e) => {
+                    session.respond(
+                        reply,
+                        &ResponseBody::err("move_failed", format!("cannot switch: {e}")),
+                    );
+                }
+            },
+        }
+    }
+    None
 }
 
 fn ready(session: &Session, credential: &Credential) -> AgentEvent {

@@ -8,6 +8,8 @@
 //!   device-ca.pem       the gateway's device CA that issued it (0644, informational)
 //!   root.pem            the pinned gateway root certificate (0644; a fallback trust anchor
 //!                       when the gateway does not send its root)
+//!   extra-roots.pem     further trusted roots (0644): taken with `root.offer` (root exchange)
+//!   received/           default receive directory of file pushes (0700)
 //! ```
 //!
 //! Every file is written atomically (temporary file with its final mode, fsync, rename, fsync of
@@ -21,6 +23,14 @@
 //! connectors = ["wss://gw1.example.com:8443/usg/endpoint", "wss://gw2.example.com:8443/usg/endpoint"]
 //! trust = "pinned"            # or "system" (a public-CA chain, checked against system roots)
 //! fingerprint = "0123…"       # 64 hex digits: SHA-256 of the pinned root (trust = "pinned")
+//! extra_roots = ["4567…"]     # further trusted roots (root exchange, move); default none
+//!
+//! # The relay (docs/protocol.md §6): what the gateway's management side may do here.
+//! receive_dir = "/srv/inbox"  # file pushes land here only; default STATE_DIR/received
+//! exec_hook = "/usr/local/lib/fleetgate/hook"  # `exec` runs it; absent = exec disabled
+//! exec_timeout_secs = 60      # the hook is killed after this long (default 60)
+//! shell = "/bin/sh"           # the terminal's shell (default /bin/sh)
+//! vnc_port = 5900             # shadowing connects to 127.0.0.1:vnc_port (default 5900)
 //! ```
 
 use std::fmt;
@@ -45,6 +55,16 @@ pub const CERT_FILE: &str = "device.pem";
 pub const DEVICE_CA_FILE: &str = "device-ca.pem";
 /// Name of the pinned root certificate file (PEM, 0644).
 pub const ROOT_FILE: &str = "root.pem";
+/// Name of the file with further trusted roots (PEM, 0644), from `root.offer`.
+pub const EXTRA_ROOTS_FILE: &str = "extra-roots.pem";
+/// Name of the default receive directory of file pushes, in the state directory.
+pub const RECEIVE_DIR: &str = "received";
+/// Default shell of terminal streams.
+pub const DEFAULT_SHELL: &str = "/bin/sh";
+/// Default local VNC port of shadow streams.
+pub const DEFAULT_VNC_PORT: u16 = 5900;
+/// Default time limit of the exec hook, seconds.
+pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 60;
 
 /// Default gateway port for `HOST` without a port.
 pub const DEFAULT_PORT: u16 = 8443;
@@ -148,6 +168,20 @@ pub struct AgentConfig {
     pub connectors: Vec<Connector>,
     /// How the gateway is authenticated; `None` before the first contact.
     pub trust: Option<Trust>,
+    /// Further trusted gateway roots (SHA-256), besides `trust`: roots taken with
+    /// `root.offer` (root exchange) or given with `move`. Default none.
+    pub extra_roots: Vec<Fingerprint>,
+    /// Where file pushes are written; `None` = `STATE_DIR/received`.
+    pub receive_dir: Option<PathBuf>,
+    /// The executable `exec` requests run (argv: the command name, then its arguments);
+    /// `None` (the default) = `exec` is refused with `not_allowed`.
+    pub exec_hook: Option<PathBuf>,
+    /// Time limit of one `exec`, seconds (default 60).
+    pub exec_timeout_secs: u64,
+    /// The terminal's shell; `None` = `/bin/sh`.
+    pub shell: Option<PathBuf>,
+    /// Local VNC port shadow streams connect to on 127.0.0.1 (default 5900).
+    pub vnc_port: u16,
 }
 
 impl Default for AgentConfig {
@@ -157,6 +191,12 @@ impl Default for AgentConfig {
             unit_id: None,
             connectors: Vec::new(),
             trust: None,
+            extra_roots: Vec::new(),
+            receive_dir: None,
+            exec_hook: None,
+            exec_timeout_secs: DEFAULT_EXEC_TIMEOUT_SECS,
+            shell: None,
+            vnc_port: DEFAULT_VNC_PORT,
         }
     }
 }
@@ -173,6 +213,18 @@ struct RawConfig {
     trust: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     fingerprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    extra_roots: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    receive_dir: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exec_hook: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exec_timeout_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    shell: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vnc_port: Option<u16>,
 }
 
 fn yes() -> bool {
@@ -202,11 +254,31 @@ impl AgentConfig {
                 ));
             }
         };
+        let extra_roots = raw
+            .extra_roots
+            .iter()
+            .map(|fp| {
+                Fingerprint::from_hex(fp)
+                    .ok_or_else(|| format!("extra_roots: {fp:?} is not 64 hex digits"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if raw.vnc_port == Some(0) {
+            return Err("vnc_port must be 1..65535".into());
+        }
+        if raw.exec_timeout_secs == Some(0) {
+            return Err("exec_timeout_secs must be at least 1".into());
+        }
         Ok(AgentConfig {
             enabled: raw.enabled,
             unit_id: raw.unit_id,
             connectors,
             trust,
+            extra_roots,
+            receive_dir: raw.receive_dir,
+            exec_hook: raw.exec_hook,
+            exec_timeout_secs: raw.exec_timeout_secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS),
+            shell: raw.shell,
+            vnc_port: raw.vnc_port.unwrap_or(DEFAULT_VNC_PORT),
         })
     }
 
@@ -223,6 +295,13 @@ impl AgentConfig {
             connectors: self.connectors.iter().map(Connector::url).collect(),
             trust,
             fingerprint,
+            extra_roots: self.extra_roots.iter().map(|f| f.hex()).collect(),
+            receive_dir: self.receive_dir.clone(),
+            exec_hook: self.exec_hook.clone(),
+            exec_timeout_secs: (self.exec_timeout_secs != DEFAULT_EXEC_TIMEOUT_SECS)
+                .then_some(self.exec_timeout_secs),
+            shell: self.shell.clone(),
+            vnc_port: (self.vnc_port != DEFAULT_VNC_PORT).then_some(self.vnc_port),
         };
         format!(
             "# fleetgate agent settings (written by `fleetgate agent`)\n{}",
@@ -412,6 +491,77 @@ impl AgentState {
         (Fingerprint::of(&cert) == fp).then_some(cert)
     }
 
+    /// Every stored root certificate whose fingerprint is trusted: `root.pem` (when it has
+    /// the pinned fingerprint) and the roots of `extra-roots.pem` listed in `extra_roots`.
+    pub fn trusted_roots(&self) -> Vec<CertificateDer<'static>> {
+        let mut roots: Vec<CertificateDer<'static>> = self.pinned_root().into_iter().collect();
+        if let Ok(pem) = std::fs::read(self.path(EXTRA_ROOTS_FILE)) {
+            roots.extend(
+                CertificateDer::pem_slice_iter(&pem)
+                    .flatten()
+                    .filter(|c| self.config.extra_roots.contains(&Fingerprint::of(c))),
+            );
+        }
+        roots
+    }
+
+    /// The TLS configuration for the stored trust (pinned root, further roots, or the system
+    /// roots), presenting `credential` when given.
+    pub fn tls_config(
+        &self,
+        credential: Option<&Credential>,
+    ) -> Result<std::sync::Arc<rustls::ClientConfig>, AgentError> {
+        let trust = self.config.trust.ok_or(AgentError::NoTrust)?;
+        super::tls::client_config_with(
+            &trust,
+            &self.config.extra_roots,
+            self.trusted_roots(),
+            credential,
+        )
+    }
+
+    /// Adds `root` as a further trusted root (root exchange, `docs/protocol.md` §6.4
+    /// `root.offer`): appends it to `extra-roots.pem` and its fingerprint to `extra_roots`,
+    /// and saves `agent.toml`. Returns its fingerprint and whether it was new (a root already
+    /// trusted is not added twice).
+    pub fn add_root(
+        &mut self,
+        root: &CertificateDer<'_>,
+    ) -> Result<(Fingerprint, bool), AgentError> {
+        let fp = Fingerprint::of(root);
+        let already = self.config.trust == Some(Trust::Pinned(fp))
+            || (self.config.extra_roots.contains(&fp)
+                && self
+                    .trusted_roots()
+                    .iter()
+                    .any(|c| Fingerprint::of(c) == fp));
+        if already {
+            return Ok((fp, false));
+        }
+        let path = self.path(EXTRA_ROOTS_FILE);
+        let mut pem = match std::fs::read_to_string(&path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(AgentError::state(&path, e)),
+        };
+        pem.push_str(&crate::pki::pem::cert_pem(root));
+        write_atomic(&path, pem.as_bytes(), MODE_PUBLIC)
+            .map_err(|e| AgentError::state(&path, e))?;
+        if !self.config.extra_roots.contains(&fp) {
+            self.config.extra_roots.push(fp);
+        }
+        self.save()?;
+        Ok((fp, true))
+    }
+
+    /// The receive directory of file pushes: `receive_dir`, else `STATE_DIR/received`.
+    pub fn receive_dir(&self) -> PathBuf {
+        self.config
+            .receive_dir
+            .clone()
+            .unwrap_or_else(|| self.path(RECEIVE_DIR))
+    }
+
     /// Deletes the device certificate (the key pair is kept for a new registration).
     pub fn drop_credential(&self) -> Result<(), AgentError> {
         for name in [CERT_FILE, DEVICE_CA_FILE] {
@@ -438,8 +588,15 @@ impl AgentState {
     pub fn drop_settings(&mut self) -> Result<(), AgentError> {
         self.config.connectors.clear();
         self.config.trust = None;
+        self.config.extra_roots.clear();
         self.save()?;
-        for name in [CERT_FILE, DEVICE_CA_FILE, KEY_FILE, ROOT_FILE] {
+        for name in [
+            CERT_FILE,
+            DEVICE_CA_FILE,
+            KEY_FILE,
+            ROOT_FILE,
+            EXTRA_ROOTS_FILE,
+        ] {
             remove_if_exists(&self.path(name))?;
         }
         Ok(())
@@ -524,6 +681,12 @@ mod tests {
                 Connector::parse("gw2:9443").unwrap(),
             ],
             trust: Some(Trust::Pinned(fp)),
+            extra_roots: vec![Fingerprint([9; 32])],
+            receive_dir: Some("/srv/inbox".into()),
+            exec_hook: Some("/usr/lib/hook".into()),
+            exec_timeout_secs: 5,
+            shell: Some("/bin/bash".into()),
+            vnc_port: 5901,
         };
         let text = config.to_toml();
         assert!(text.contains("trust = \"pinned\""), "{text}");
@@ -539,6 +702,14 @@ mod tests {
         assert!(AgentConfig::from_toml("trust = \"maybe\"").is_err());
         assert!(AgentConfig::from_toml("fingerprint = \"12\"").is_err());
         assert!(AgentConfig::from_toml("connectors = [\"http://x\"]").is_err());
+        assert!(AgentConfig::from_toml("vnc_port = 0").is_err());
+        assert!(AgentConfig::from_toml("extra_roots = [\"12\"]").is_err());
+        // Defaults are not written out.
+        let plain = AgentConfig::default().to_toml();
+        assert!(
+            !plain.contains("vnc_port") && !plain.contains("exec"),
+            "{plain}"
+        );
     }
 
     #[test]

@@ -78,28 +78,53 @@ pub fn server_name(connector: &Connector) -> Result<ServerName<'static>, AgentEr
     })
 }
 
-/// Verifies the gateway's chain with one pinned root as the only trust anchor.
+/// Verifies the gateway's chain with pinned roots as the only trust anchors.
 ///
-/// The root is found among the certificates the gateway presents (it sends its root as the
-/// last certificate of the chain) by its SHA-256; when the gateway does not send it, the
-/// `fallback` root (the agent's stored `root.pem`) is used if it has the pinned fingerprint.
-/// The chain is then validated by rustls-webpki as usual (signatures, validity, the host name
-/// in the leaf's SAN) against a root store holding that root alone.
+/// A root is found among the certificates the gateway presents (it sends its root as the
+/// last certificate of the chain) by its SHA-256; when the gateway does not send it, a
+/// `fallback` root (the agent's stored `root.pem`, or a root taken with `root.offer`) is used
+/// if it has a pinned fingerprint. The chain is then validated by rustls-webpki as usual
+/// (signatures, validity, the host name in the leaf's SAN) against a root store holding that
+/// root alone.
+///
+/// Several fingerprints may be pinned (the first-contact root plus roots added by a root
+/// exchange or a move, `docs/protocol.md` §6.4); any of them is accepted. With `system`, a
+/// chain without a pinned root is checked against the system roots instead.
 #[derive(Debug)]
 pub struct PinnedRootVerifier {
-    fingerprint: Fingerprint,
-    fallback: Option<CertificateDer<'static>>,
+    fingerprints: Vec<Fingerprint>,
+    fallbacks: Vec<CertificateDer<'static>>,
+    system: Option<Arc<WebPkiServerVerifier>>,
     provider: Arc<CryptoProvider>,
 }
 
 impl PinnedRootVerifier {
     /// A verifier pinning `fingerprint`.
     pub fn new(fingerprint: Fingerprint, fallback: Option<CertificateDer<'static>>) -> Self {
+        Self::with_roots(vec![fingerprint], fallback.into_iter().collect(), None)
+    }
+
+    /// A verifier pinning every fingerprint of `fingerprints` (fallback certificates that
+    /// match none are dropped), and accepting system-trusted chains when `system` is given.
+    pub fn with_roots(
+        fingerprints: Vec<Fingerprint>,
+        fallbacks: Vec<CertificateDer<'static>>,
+        system: Option<Arc<WebPkiServerVerifier>>,
+    ) -> Self {
+        let fallbacks = fallbacks
+            .into_iter()
+            .filter(|c| fingerprints.contains(&Fingerprint::of(c)))
+            .collect();
         PinnedRootVerifier {
-            fingerprint,
-            fallback: fallback.filter(|c| Fingerprint::of(c) == fingerprint),
+            fingerprints,
+            fallbacks,
+            system,
             provider: provider(),
         }
+    }
+
+    fn is_pinned(&self, cert: &CertificateDer<'_>) -> bool {
+        self.fingerprints.contains(&Fingerprint::of(cert))
     }
 }
 
@@ -112,32 +137,59 @@ impl ServerCertVerifier for PinnedRootVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let root = intermediates
+        let presented = intermediates
             .iter()
             .chain(std::iter::once(end_entity))
-            .find(|c| Fingerprint::of(c) == self.fingerprint)
-            .map(|c| c.clone().into_owned())
-            .or_else(|| self.fallback.clone())
-            .ok_or_else(|| {
-                rustls::Error::General(format!(
-                    "the gateway's certificate chain does not contain the pinned root {}",
-                    self.fingerprint.hex()
-                ))
-            })?;
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(root)
-            .map_err(|e| rustls::Error::General(format!("the pinned root is unusable: {e}")))?;
+            .find(|c| self.is_pinned(c))
+            .map(|c| c.clone().into_owned());
+        let candidates: Vec<CertificateDer<'static>> = match presented {
+            Some(root) => vec![root],
+            None => self.fallbacks.clone(),
+        };
+        if candidates.is_empty() {
+            if let Some(system) = &self.system {
+                return system.verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    ocsp_response,
+                    now,
+                );
+            }
+            let pinned: Vec<String> = self.fingerprints.iter().map(|f| f.hex()).collect();
+            return Err(rustls::Error::General(format!(
+                "the gateway's certificate chain does not contain the pinned root {}",
+                pinned.join(" or ")
+            )));
+        }
         let rest: Vec<CertificateDer<'_>> = intermediates
             .iter()
-            .filter(|c| Fingerprint::of(c) != self.fingerprint)
+            .filter(|c| !self.is_pinned(c))
             .cloned()
             .collect();
-        let inner =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &rest, server_name, ocsp_response, now)
+        let mut last = None;
+        for root in candidates {
+            let mut roots = RootCertStore::empty();
+            roots
+                .add(root)
+                .map_err(|e| rustls::Error::General(format!("the pinned root is unusable: {e}")))?;
+            let inner =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                    .build()
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+            match inner.verify_server_cert(end_entity, &rest, server_name, ocsp_response, now) {
+                Ok(v) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(system) = &self.system
+            && system
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+                .is_ok()
+        {
+            return Ok(ServerCertVerified::assertion());
+        }
+        Err(last.expect("at least one candidate"))
     }
 
     fn verify_tls12_signature(
@@ -250,17 +302,43 @@ pub fn client_config(
     fallback_root: Option<CertificateDer<'static>>,
     credential: Option<&Credential>,
 ) -> Result<Arc<ClientConfig>, AgentError> {
+    client_config_with(trust, &[], fallback_root.into_iter().collect(), credential)
+}
+
+/// [`client_config`] with additional pinned roots (`extra_roots`, from a root exchange or a
+/// move) and every stored root certificate as a fallback anchor.
+pub fn client_config_with(
+    trust: &Trust,
+    extra_roots: &[Fingerprint],
+    fallbacks: Vec<CertificateDer<'static>>,
+    credential: Option<&Credential>,
+) -> Result<Arc<ClientConfig>, AgentError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| AgentError::Trust(format!("TLS set-up: {e}")))?;
     let builder = match trust {
-        Trust::System => builder.with_root_certificates(system_roots()?),
-        Trust::Pinned(fp) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedRootVerifier::new(
-                *fp,
-                fallback_root,
-            ))),
+        Trust::System if extra_roots.is_empty() => builder.with_root_certificates(system_roots()?),
+        Trust::System => {
+            let system = WebPkiServerVerifier::builder_with_provider(system_roots()?, provider())
+                .build()
+                .map_err(|e| AgentError::Trust(format!("system roots: {e}")))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedRootVerifier::with_roots(
+                    extra_roots.to_vec(),
+                    fallbacks,
+                    Some(system),
+                )))
+        }
+        Trust::Pinned(fp) => {
+            let mut pins = vec![*fp];
+            pins.extend(extra_roots.iter().filter(|f| *f != fp).copied());
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedRootVerifier::with_roots(
+                    pins, fallbacks, None,
+                )))
+        }
     };
     let mut config = match credential {
         Some(c) => builder

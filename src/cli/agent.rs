@@ -6,7 +6,13 @@
 //! fleetgate agent --email jo@example.com --unit-id kiosk-17        # gateway from DNS TXT
 //! fleetgate agent                                                  # registered: just connect
 //! fleetgate agent --disable | --enable                            # gateway use off / on
+//! fleetgate agent --exec-hook /usr/local/lib/fleetgate/hook --receive-dir /srv/inbox
+//!                 --shell /bin/bash --vnc-port 5901               # relay settings (saved)
 //! ```
+//!
+//! The relay settings (`--receive-dir`, `--exec-hook`/`--no-exec-hook`, `--exec-timeout`,
+//! `--shell`, `--vnc-port`) are saved in agent.toml before anything else happens, so they
+//! also apply to later runs without the flags.
 //!
 //! Standard output carries exactly one line, `connection ready`, each time a session becomes
 //! ready; everything else (the fingerprint question, progress, errors) goes to standard error.
@@ -78,6 +84,27 @@ pub struct AgentArgs {
     /// Switch gateway use on in agent.toml and exit.
     #[arg(long)]
     pub enable: bool,
+    /// Directory that file pushes are written into (saved in agent.toml; default
+    /// STATE_DIR/received).
+    #[arg(long, value_name = "DIR")]
+    pub receive_dir: Option<PathBuf>,
+    /// Executable run for `exec` requests, with the command name and its arguments as argv
+    /// (saved in agent.toml). Without one, exec is disabled.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_exec_hook")]
+    pub exec_hook: Option<PathBuf>,
+    /// Remove the exec hook from agent.toml (exec disabled).
+    #[arg(long)]
+    pub no_exec_hook: bool,
+    /// Time limit of one exec in seconds (saved in agent.toml; default 60).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub exec_timeout: Option<u64>,
+    /// Shell of terminal sessions (saved in agent.toml; default /bin/sh).
+    #[arg(long, value_name = "PATH")]
+    pub shell: Option<PathBuf>,
+    /// Local VNC port that shadowing connects to on 127.0.0.1 (saved in agent.toml; default
+    /// 5900).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub vnc_port: Option<u16>,
     /// Reconnect backoff base in milliseconds (tests).
     #[arg(long, value_name = "MS", hide = true, default_value_t = 1000)]
     pub backoff_base_ms: u64,
@@ -159,6 +186,10 @@ fn execute(
 ) -> anyhow::Result<()> {
     let mut state = AgentState::open(&args.state_dir)?;
     let dir = args.state_dir.display();
+    if apply_relay_settings(args, &mut state)? {
+        state.save()?;
+        writeln!(err, "relay settings saved in {dir}/agent.toml")?;
+    }
     if args.disable || args.enable {
         state.set_enabled(args.enable)?;
         writeln!(
@@ -208,6 +239,44 @@ fn execute(
         )?,
     }
     Ok(())
+}
+
+/// Copies the relay flags into `state.config`; true when anything was given.
+fn apply_relay_settings(args: &AgentArgs, state: &mut AgentState) -> anyhow::Result<bool> {
+    let absolute = |p: &PathBuf, what: &str| -> anyhow::Result<PathBuf> {
+        std::path::absolute(p).with_context(|| format!("{what} {}", p.display()))
+    };
+    let mut changed = false;
+    let c = &mut state.config;
+    if let Some(d) = &args.receive_dir {
+        c.receive_dir = Some(absolute(d, "--receive-dir")?);
+        changed = true;
+    }
+    if let Some(h) = &args.exec_hook {
+        let h = absolute(h, "--exec-hook")?;
+        if !h.is_file() {
+            bail!("--exec-hook {}: no such file", h.display());
+        }
+        c.exec_hook = Some(h);
+        changed = true;
+    }
+    if args.no_exec_hook {
+        c.exec_hook = None;
+        changed = true;
+    }
+    if let Some(t) = args.exec_timeout {
+        c.exec_timeout_secs = t;
+        changed = true;
+    }
+    if let Some(sh) = &args.shell {
+        c.shell = Some(absolute(sh, "--shell")?);
+        changed = true;
+    }
+    if let Some(p) = args.vnc_port {
+        c.vnc_port = p;
+        changed = true;
+    }
+    Ok(changed)
 }
 
 fn report(event: &AgentEvent, out: &mut dyn Write, err: &mut dyn Write) {
@@ -465,6 +534,43 @@ mod tests {
         let (code, _, _) = run(&["--state-dir", sds, "--enable"]);
         assert_eq!(code, 0);
         assert!(AgentState::open(&sd).unwrap().config.enabled);
+        // Relay settings are saved (here with --enable, which exits right after).
+        let hook = dir.path().join("hook");
+        std::fs::write(&hook, "#!/bin/sh\n").unwrap();
+        let inbox = dir.path().join("inbox");
+        let (code, _, err) = run(&[
+            "--state-dir",
+            sds,
+            "--enable",
+            "--exec-hook",
+            hook.to_str().unwrap(),
+            "--receive-dir",
+            inbox.to_str().unwrap(),
+            "--shell",
+            "/bin/bash",
+            "--vnc-port",
+            "5999",
+            "--exec-timeout",
+            "7",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let c = AgentState::open(&sd).unwrap().config;
+        assert_eq!(c.exec_hook.as_deref(), Some(hook.as_path()));
+        assert_eq!(c.receive_dir.as_deref(), Some(inbox.as_path()));
+        assert_eq!(c.shell.as_deref(), Some(std::path::Path::new("/bin/bash")));
+        assert_eq!((c.vnc_port, c.exec_timeout_secs), (5999, 7));
+        let (code, _, _) = run(&["--state-dir", sds, "--enable", "--no-exec-hook"]);
+        assert_eq!(code, 0);
+        assert_eq!(AgentState::open(&sd).unwrap().config.exec_hook, None);
+        let (code, _, err) = run(&[
+            "--state-dir",
+            sds,
+            "--enable",
+            "--exec-hook",
+            "/nonexistent/x",
+        ]);
+        assert_eq!(code, 1);
+        assert!(err.contains("no such file"), "{err}");
         // Enabled, not registered, no unit ID: a clear error.
         let (code, out, err) = run(&["--state-dir", sds, "--gateway", "127.0.0.1:1"]);
         assert_eq!((code, out.as_str()), (1, ""));
