@@ -892,3 +892,188 @@ fn through_a_real_http_proxy_with_basic_auth() {
     assert!(matches!(e, ClientError::Proxy { status: 403, .. }), "{e}");
     assert_eq!(mock.seen.lock().unwrap().connections, 2);
 }
+
+// ---- the command line ----
+
+fn fleetgate(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args(args)
+        .env_remove("FLEETGATE_DATA_DIR")
+        .env_remove("FLEETGATE_CONFIG")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn mgmt_add_list_revoke_on_the_command_line() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = setup(); // data dir with root.pem and management client "ops"
+    let data = s.dir.join("data");
+    let d = data.to_str().unwrap();
+    let out = s.dir.join("certs");
+    let o = out.to_str().unwrap();
+    let r = fleetgate(&["mgmt", "add", "backup", "--out", o, "--data-dir", d]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    assert!(text(&r.stdout).contains("management client backup added"));
+    let mode = std::fs::metadata(out.join("backup.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(
+        std::fs::read(out.join("gateway-root.pem")).unwrap(),
+        std::fs::read(data.join("root.pem")).unwrap()
+    );
+    // In use: refused with exit 2, files untouched.
+    let r = fleetgate(&[
+        "mgmt",
+        "add",
+        "backup",
+        "--out",
+        o,
+        "--data-dir",
+        d,
+        "--force",
+    ]);
+    assert_eq!(r.status.code(), Some(2), "{}", text(&r.stderr));
+    assert!(text(&r.stderr).contains("already exists"));
+    let r = fleetgate(&["mgmt", "list", "--json", "--data-dir", d]);
+    let list: Value = serde_json::from_slice(&r.stdout).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ops", "backup"]);
+    assert_eq!(list[1]["state"], "active");
+    let r = fleetgate(&["mgmt", "revoke", "backup", "--data-dir", d]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let r = fleetgate(&["mgmt", "revoke", "backup", "--data-dir", d]);
+    assert_eq!(r.status.code(), Some(2));
+    let r = fleetgate(&["mgmt", "list", "--data-dir", d]);
+    let t = text(&r.stdout);
+    assert!(
+        t.lines()
+            .any(|l| l.starts_with("backup") && l.contains("revoked")),
+        "{t}"
+    );
+    // The revocation list the running gateway polls names it.
+    let reg = fleetgate::registry::Registry::open_in(&data).unwrap();
+    let revoked = reg
+        .revoked_credentials(fleetgate::registry::unix_now())
+        .unwrap();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(
+        (revoked[0].1.as_str(), revoked[0].2.as_str()),
+        ("backup", "removed")
+    );
+    // The name can be issued again.
+    let r = fleetgate(&[
+        "mgmt",
+        "add",
+        "backup",
+        "--out",
+        o,
+        "--data-dir",
+        d,
+        "--force",
+    ]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+}
+
+#[test]
+fn console_commands_against_the_mock() {
+    let s = setup();
+    let mock = Mock::start(s.server.clone());
+    let url = mock.url();
+    let common = [
+        "console",
+        "--gateway",
+        url.as_str(),
+        "--cert",
+        s.cert.to_str().unwrap(),
+        "--key",
+        s.key.to_str().unwrap(),
+        "--ca",
+        s.root.to_str().unwrap(),
+    ];
+    let run = |extra: &[&str]| {
+        let mut a: Vec<&str> = common.to_vec();
+        a.extend_from_slice(extra);
+        fleetgate(&a)
+    };
+    let r = run(&["devices"]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let t = text(&r.stdout);
+    assert!(
+        t.contains("UNIT") && t.contains("DEV1") && t.contains("192.0.2.1"),
+        "{t}"
+    );
+    let r = run(&["--json", "send", "DEV1", "ping"]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let v: Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["pong"], true);
+    let r = run(&["send", "DEV1", r#"{"method":"echo","params":{"x":1}}"#]);
+    assert!(text(&r.stdout).contains("\"x\": 1"), "{}", text(&r.stdout));
+    let r = run(&["send", "GONE", "ping"]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(
+        text(&r.stderr).contains("device_offline"),
+        "{}",
+        text(&r.stderr)
+    );
+    let r = run(&["status"]);
+    assert!(
+        text(&r.stdout).contains("status        ok"),
+        "{}",
+        text(&r.stdout)
+    );
+    let file = s.dir.join("c.bin");
+    let sha = write_file(&file, 300_000);
+    let r = run(&["--json", "push", "DEV1", file.to_str().unwrap(), "c.bin"]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let v: Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["sha256"], sha.as_str());
+    assert_eq!(v["device"]["ok"], true);
+    // Shadow: a local listener; each connection is one stream (the mock echoes).
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut a: Vec<&str> = common.to_vec();
+    a.extend_from_slice(&["shadow", "DEV1", "--listen", &listen]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args(&a)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut tcp = loop {
+        match TcpStream::connect(&listen) {
+            Ok(t) => break t,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("shadow listener: {e}"),
+        }
+    };
+    tcp.set_read_timeout(Some(T)).unwrap();
+    tcp.write_all(b"RFB 003.008\n").unwrap();
+    let mut got = [0u8; 12];
+    std::io::Read::read_exact(&mut tcp, &mut got).unwrap();
+    assert_eq!(&got, b"RFB 003.008\n");
+    drop(tcp);
+    let _ = child.kill();
+    let _ = child.wait();
+    // Help texts.
+    let r = fleetgate(&["console", "--help"]);
+    let t = text(&r.stdout);
+    for cmd in [
+        "devices", "send", "terminal", "shadow", "push", "move", "remove", "limit", "keys",
+        "status", "events",
+    ] {
+        assert!(t.contains(cmd), "console --help lacks {cmd}: {t}");
+    }
+}

@@ -42,7 +42,6 @@ pub struct ConsoleArgs {
     #[arg(
         long = "gateway",
         value_name = "URL",
-        required = true,
         global = true,
         env = "FLEETGATE_GATEWAY"
     )]
@@ -878,6 +877,12 @@ pub fn shadow_one(c: &ManagementClient, unit: &str, tcp: TcpStream) -> anyhow::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::Args as _;
+        ConsoleArgs::augment_args(clap::Command::new("console")).debug_assert();
+    }
 
     #[test]
     fn requests_parse() {
