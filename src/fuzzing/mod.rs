@@ -2,6 +2,7 @@
 //! in `fuzz/fuzz_targets/` is a one-line call into a function here, so the targets stay trivial
 //! and the code under test stays private.
 
+pub mod envelope;
 pub mod http;
 pub mod pki;
 pub mod ws;
