@@ -457,3 +457,49 @@ fn print_human(s: &RegisterSummary) {
         s.verdict
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: RegisterArgs,
+    }
+
+    fn parse(line: &str) -> Result<RegisterArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("x").chain(line.split_whitespace())).map(|c| c.a)
+    }
+
+    #[test]
+    fn parses_the_documented_command_line() {
+        let a = parse(
+            "--url wss://127.0.0.1:8443/usg/endpoint --ca /tmp/lt/root.pem --keys /tmp/keys.txt \
+             --devices 10000 --creds-out /tmp/creds.jsonl --workers 2 --json r.json",
+        )
+        .unwrap();
+        assert_eq!(a.devices, 10_000);
+        assert_eq!(a.first, 0);
+        assert_eq!(a.unit_prefix, "lt-");
+        assert_eq!(a.max_attempts, 5);
+        assert_eq!(a.fleet.workers, Some(2));
+        assert_eq!(a.fleet.concurrency, 256);
+        assert_eq!((a.fleet.backoff_base, a.fleet.backoff_cap), (1.0, 300.0));
+        assert_eq!(
+            a.creds_out.as_deref(),
+            Some(std::path::Path::new("/tmp/creds.jsonl"))
+        );
+    }
+
+    #[test]
+    fn rejects_missing_or_bad_arguments() {
+        assert!(parse("--url wss://h/ --devices 1").is_err()); // no --keys
+        assert!(parse("--url wss://h/ --keys k --devices 0").is_err());
+        assert!(parse("--url wss://h/ --keys k --devices 1 --max-attempts 0").is_err());
+        assert!(parse("--url wss://h/ --keys k --devices 1 --ca c --insecure").is_err());
+        assert!(parse("--url wss://h/ --keys k --devices 1 --backoff-base soon").is_err());
+    }
+}
