@@ -746,6 +746,21 @@ fn traversal_is_refused_and_a_bad_checksum_leaves_no_file() {
     assert_eq!(e.json()["error"]["code"], "checksum_mismatch");
     assert!(files_in(&inbox).is_empty(), "{:?}", files_in(&inbox));
 
+    // A `close` that overtakes the last data (a reordering relay) is tolerated.
+    let small = b"0123456789".repeat(300);
+    let open = json!({"kind": "file", "path": "late.txt", "size": small.len(),
+                      "sha256": sha256_hex(&small)});
+    link.send(Kind::Open, 23, open.to_string().as_bytes());
+    assert_eq!(link.stream_msg(23, T).kind, Kind::Accept);
+    link.send(Kind::Data, 23, &small[..2000]);
+    link.send(Kind::Close, 23, br#"{"ok":true}"#);
+    std::thread::sleep(Duration::from_millis(100));
+    link.send(Kind::Data, 23, &small[2000..]);
+    let e = link.stream_msg(23, T);
+    assert_eq!(e.kind, Kind::Close, "{}", String::from_utf8_lossy(&e.body));
+    assert_eq!(std::fs::read(inbox.join("late.txt")).unwrap(), small);
+    std::fs::remove_file(inbox.join("late.txt")).unwrap();
+
     // The right checksum works; then a reset mid-push deletes the temporary file.
     let e = push(&mut link, 21, "f.txt", &data, &sha, |_| {});
     assert_eq!(e.kind, Kind::Close);

@@ -88,6 +88,9 @@ pub(crate) fn start(
     Ok(None)
 }
 
+/// How long data that arrives after the peer's `close` is still waited for.
+const LATE_DATA: std::time::Duration = std::time::Duration::from_secs(2);
+
 struct Job {
     base: PathBuf,
     rel: PathBuf,
@@ -136,8 +139,23 @@ impl Job {
         }
         let mut hasher = Sha256::new();
         let mut written: u64 = 0;
+        let mut closed = false;
         loop {
-            match inbound.recv() {
+            // Tolerance: a `close` that overtook its stream's last data (a relay must not
+            // reorder them, but a short wait costs nothing) — wait a little for the rest.
+            let next = if closed {
+                if written >= self.size {
+                    break;
+                }
+                match inbound.recv_timeout(LATE_DATA) {
+                    Ok(m) => Ok(m),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                inbound.recv().map_err(|_| ())
+            };
+            match next {
                 Ok(Inbound::Data(bytes)) => {
                     written += bytes.len() as u64;
                     if written > self.size {
@@ -158,9 +176,9 @@ impl Job {
                     hasher.update(&bytes);
                     ctx.consumed(bytes.len());
                 }
-                Ok(Inbound::Close) => break,
+                Ok(Inbound::Close) => closed = true,
                 // Reset by the peer or the session ended: Temp's drop deletes the file.
-                Err(_) => return,
+                Err(()) => return,
             }
         }
         let digest = hex(&hasher.finalize());
