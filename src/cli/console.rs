@@ -38,33 +38,24 @@ host: --cert DIR/NAME.pem --key DIR/NAME.key --ca DIR/gateway-root.pem."
 )]
 pub struct ConsoleArgs {
     /// The gateway: wss://HOST[:PORT][/PATH] (port 8443 and path /usg/management by default).
-    /// Repeat it for `limit --global`; other commands use the first one.
-    #[arg(
-        long = "gateway",
-        value_name = "URL",
-        global = true,
-        env = "FLEETGATE_GATEWAY"
-    )]
+    /// Repeat it for `limit --global`; other commands use the first one. The connection
+    /// options (--gateway, --cert, --key, --ca, --proxy, --proxy-user) go before the command.
+    #[arg(long = "gateway", value_name = "URL", env = "FLEETGATE_GATEWAY")]
     pub gateways: Vec<String>,
     /// The management client certificate (PEM).
-    #[arg(long, value_name = "FILE", global = true, env = "FLEETGATE_MGMT_CERT")]
+    #[arg(long, value_name = "FILE", env = "FLEETGATE_MGMT_CERT")]
     pub cert: Option<PathBuf>,
     /// Its private key (PEM).
-    #[arg(long, value_name = "FILE", global = true, env = "FLEETGATE_MGMT_KEY")]
+    #[arg(long, value_name = "FILE", env = "FLEETGATE_MGMT_KEY")]
     pub key: Option<PathBuf>,
     /// The gateway's root certificate to trust (gateway-root.pem) [default: the system roots].
-    #[arg(long, value_name = "FILE", global = true, env = "FLEETGATE_MGMT_CA")]
+    #[arg(long, value_name = "FILE", env = "FLEETGATE_MGMT_CA")]
     pub ca: Option<PathBuf>,
     /// Reach the gateway through this HTTP proxy (CONNECT): http://[USER:PASS@]HOST:PORT.
-    #[arg(long, value_name = "URL", global = true, env = "FLEETGATE_PROXY")]
+    #[arg(long, value_name = "URL", env = "FLEETGATE_PROXY")]
     pub proxy: Option<String>,
     /// Basic authentication for the proxy, USER:PASS (instead of putting it in --proxy).
-    #[arg(
-        long,
-        value_name = "USER:PASS",
-        global = true,
-        env = "FLEETGATE_PROXY_USER"
-    )]
+    #[arg(long, value_name = "USER:PASS", env = "FLEETGATE_PROXY_USER")]
     pub proxy_user: Option<String>,
     /// Machine-readable output: JSON (JSON lines for `events`).
     #[arg(long, global = true)]
@@ -178,7 +169,8 @@ pub enum KeysCommand {
     /// Revoke a key (its value, or #ID).
     Revoke {
         /// The key value or #ID.
-        key: String,
+        #[arg(value_name = "KEY")]
+        key_ref: String,
     },
     /// Export keys as a hand-out.
     Export {
@@ -525,12 +517,12 @@ fn keys(
                 }
             }
         }
-        KeysCommand::Revoke { key } => {
-            let r = gateway_call(c, "keys.revoke", json!({"key": key}), t)?;
+        KeysCommand::Revoke { key_ref } => {
+            let r = gateway_call(c, "keys.revoke", json!({"key": key_ref}), t)?;
             if json {
                 print_json(&r)?;
             } else {
-                writeln!(out, "key {key} revoked")?;
+                writeln!(out, "key {key_ref} revoked")?;
             }
         }
         KeysCommand::Export {
@@ -878,10 +870,44 @@ pub fn shadow_one(c: &ManagementClient, unit: &str, tcp: TcpStream) -> anyhow::R
 mod tests {
     use super::*;
 
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ConsoleArgs,
+    }
+
+    fn parse(extra: &[&str]) -> ConsoleArgs {
+        use clap::Parser as _;
+        let mut a = vec![
+            "console",
+            "--gateway",
+            "wss://gw",
+            "--cert",
+            "c.pem",
+            "--key",
+            "c.key",
+        ];
+        a.extend_from_slice(extra);
+        Cli::try_parse_from(a).unwrap().args
+    }
+
     #[test]
     fn the_command_line_is_consistent() {
-        use clap::Args as _;
-        ConsoleArgs::augment_args(clap::Command::new("console")).debug_assert();
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+        // The command's own `--key` and KEY do not clash with the connection's --key.
+        let a = parse(&["move", "U1", "--to", "gw2:8443", "--key", "ABCD-EFGH"]);
+        assert_eq!(a.key.as_deref(), Some(std::path::Path::new("c.key")));
+        assert!(
+            matches!(a.command, ConsoleCommand::Move { key: Some(ref k), .. } if k == "ABCD-EFGH")
+        );
+        let a = parse(&["keys", "revoke", "#3", "--json"]);
+        assert!(a.json);
+        assert!(
+            matches!(a.command, ConsoleCommand::Keys(KeysCommand::Revoke { ref key_ref }) if key_ref == "#3")
+        );
+        let a = parse(&["--gateway", "wss://gw2", "limit", "5", "--global"]);
+        assert_eq!(a.gateways, ["wss://gw", "wss://gw2"]);
     }
 
     #[test]
