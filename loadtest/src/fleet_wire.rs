@@ -51,6 +51,9 @@ pub enum Job {
     /// Connect with stored credentials and stay connected, reconnecting with backoff.
     Reconnect {
         creds: PathBuf,
+        /// Reconnect attempts in flight at once in this worker (`None`: no cap).
+        #[serde(default)]
+        attempt_cap: Option<usize>,
         /// Keep each device's TLS client configuration (and its session tickets) across
         /// reconnects and resume, as the fleetgate agent does.
         #[serde(default)]

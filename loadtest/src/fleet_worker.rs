@@ -90,6 +90,8 @@ enum Inputs {
     Reconnect {
         creds: Vec<(String, Arc<CertifiedKey>)>,
         resume: bool,
+        /// `--attempt-cap`: attempts in flight at once (after the first connection).
+        attempts: Option<Arc<Semaphore>>,
     },
 }
 
@@ -104,7 +106,11 @@ fn load_inputs(config: &FleetConfig) -> anyhow::Result<Inputs> {
             prefix: unit_prefix.clone(),
             max_attempts: (*max_attempts).max(1),
         },
-        Job::Reconnect { creds, resume } => {
+        Job::Reconnect {
+            creds,
+            resume,
+            attempt_cap,
+        } => {
             let list = crate::creds::read_slice(creds, config.first_device, config.devices)?;
             let mut out = Vec::with_capacity(list.len());
             for cred in list {
@@ -114,6 +120,7 @@ fn load_inputs(config: &FleetConfig) -> anyhow::Result<Inputs> {
             Inputs::Reconnect {
                 creds: out,
                 resume: *resume,
+                attempts: attempt_cap.map(|c| Arc::new(Semaphore::new(c.max(1)))),
             }
         }
     })
@@ -454,7 +461,12 @@ async fn session_device(
     mark: Rc<Cell<Option<u64>>>,
     permit: OwnedSemaphorePermit,
 ) {
-    let Inputs::Reconnect { creds, resume } = &*inputs else {
+    let Inputs::Reconnect {
+        creds,
+        resume,
+        attempts: attempt_cap,
+    } = &*inputs
+    else {
         return;
     };
     let (unit_id, certified) = &creds[d.index];
@@ -476,6 +488,17 @@ async fn session_device(
         if d.stopping() {
             break;
         }
+        // With --attempt-cap, reconnects (not the first connection) wait for a turn.
+        let turn = match (attempt_cap, &permit) {
+            (Some(cap), None) => {
+                let mut phase = d.phase.clone();
+                tokio::select! {
+                    p = cap.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
+                    _ = phase.wait_for(|p| *p == Phase::Stop) => break,
+                }
+            }
+            _ => None,
+        };
         let connect_ms = unix_ms();
         let marked_attempt = mark.get().is_some_and(|m| connect_ms >= m);
         if marked_attempt {
@@ -503,6 +526,7 @@ async fn session_device(
             _ = phase.wait_for(|p| *p == Phase::Stop) => None,
         };
         drop(permit.take());
+        drop(turn);
         let Some(result) = result else { break };
         let retry_after = match result {
             Ok(mut ws) => {

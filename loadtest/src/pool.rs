@@ -501,6 +501,7 @@ mod tests {
         .a;
         let job = Job::Reconnect {
             creds: "/tmp/c".into(),
+            attempt_cap: None,
             resume: false,
         };
         let p = plan(

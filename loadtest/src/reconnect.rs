@@ -67,6 +67,12 @@ pub struct ReconnectArgs {
     /// Seconds to wait for every device's first session before the restart
     #[arg(long, value_parser = crate::plan::parse_secs, default_value = "600")]
     pub connect_timeout: f64,
+    /// Cap on reconnect attempts in flight at once, all workers together (default: none).
+    /// With a cap, devices beyond it wait inside the generator instead of all handshaking at
+    /// once in lockstep (a generator artifact: a real fleet has a CPU per device); their
+    /// handshake timeout starts when they get their turn
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub attempt_cap: Option<u64>,
     /// Resume TLS sessions across reconnects (each device keeps its session tickets, as the
     /// fleetgate agent does); default: a full handshake every time, the worst case
     #[arg(long)]
@@ -145,6 +151,7 @@ pub struct ReconnectSetup {
     pub concurrency_first_connect: usize,
     pub handshake_timeout_secs: f64,
     pub tls_resume: bool,
+    pub attempt_cap: Option<u64>,
     pub initial_connect_secs: f64,
     pub interrupted: bool,
 }
@@ -169,7 +176,15 @@ fn run(args: ReconnectArgs) -> Result<ExitCode> {
             args.creds.display()
         );
     }
+    let workers_guess = args
+        .fleet
+        .workers
+        .unwrap_or_else(|| pool::workers_for_descriptors(devices).max(pool::cpus()))
+        .clamp(1, devices);
     let job = Job::Reconnect {
+        attempt_cap: args
+            .attempt_cap
+            .map(|c| c.div_ceil(workers_guess).max(1) as usize),
         creds: std::fs::canonicalize(&args.creds)?,
         resume: args.tls_resume,
     };
@@ -740,6 +755,7 @@ fn summarize(
             concurrency_first_connect: first.concurrency * plan.workers.len(),
             handshake_timeout_secs: args.fleet.handshake_timeout,
             tls_resume: args.tls_resume,
+            attempt_cap: args.attempt_cap,
             initial_connect_secs: summary::round2(initial_connect.as_secs_f64()),
             interrupted: pool.interrupted,
         },
