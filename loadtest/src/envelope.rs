@@ -135,7 +135,10 @@ mod tests {
         // The device's answer echoes channel and route, with an empty unit.
         let answer = encode(RESPONSE, 7, 0xdead_beef_0102_0304, "", b"{}");
         let a = Envelope::parse(&answer).unwrap();
-        assert_eq!((a.kind, a.route, a.unit), (RESPONSE, 0xdead_beef_0102_0304, ""));
+        assert_eq!(
+            (a.kind, a.route, a.unit),
+            (RESPONSE, 0xdead_beef_0102_0304, "")
+        );
     }
 
     #[test]

@@ -5,16 +5,22 @@ mod backoff;
 mod baseline;
 mod creds;
 mod device;
+mod envelope;
 mod fleet;
 mod fleet_wire;
 mod fleet_worker;
 mod idle;
 mod messages;
+mod mgmt;
 mod plan;
 mod pool;
 mod reconnect;
 mod register;
+mod relay;
+mod relay_wire;
+mod relay_worker;
 mod sources;
+mod stream;
 mod summary;
 mod sys;
 mod target;
@@ -48,6 +54,12 @@ enum Command {
     /// N registered devices connect, the gateway restarts, they reconnect with backoff and
     /// full jitter; time until every device has its session again
     Reconnect(reconnect::ReconnectArgs),
+    /// N registered devices answer requests; management connections send M requests/s to
+    /// random devices; round-trip times (management → device → management), errors, CPU
+    Relay(relay::RelayArgs),
+    /// K parallel file streams from management to K devices with credit flow control
+    /// (optionally slow devices); MB/s through the gateway and its memory
+    Stream(stream::StreamArgs),
     /// A tokio + tokio-rustls + tokio-tungstenite echo server with default settings, as the
     /// reference point for side-by-side runs
     BaselineServer(baseline::BaselineArgs),
@@ -57,6 +69,9 @@ enum Command {
     /// Internal: one worker process of `register` / `reconnect`
     #[command(name = "__fleet-worker", hide = true)]
     FleetWorker { config: String },
+    /// Internal: one device worker process of `relay` / `stream`
+    #[command(name = "__relay-worker", hide = true)]
+    RelayWorker { config: String },
 }
 
 fn main() -> ExitCode {
@@ -67,5 +82,8 @@ fn main() -> ExitCode {
         Command::Reconnect(args) => reconnect::main(args),
         Command::Worker { config } => worker::main(&config),
         Command::FleetWorker { config } => fleet_worker::main(&config),
+        Command::Relay(args) => relay::main(args),
+        Command::Stream(args) => stream::main(args),
+        Command::RelayWorker { config } => relay_worker::main(&config),
     }
 }

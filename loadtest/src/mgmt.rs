@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::fleet::{self, FleetContext, Failure, Ws};
+use crate::fleet::{self, Failure, FleetContext, Ws};
 use crate::plan::{DEVICES_PER_WORKER, parse_secs, split};
 use crate::relay_wire::{DeviceCommand, DeviceReport, DeviceStats, DeviceWorkerConfig};
 use crate::sources::SourceSpec;

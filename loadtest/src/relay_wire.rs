@@ -154,6 +154,9 @@ mod tests {
             lost_sample: Some("x".into()),
             ..Default::default()
         });
-        assert_eq!((a.requests, a.lost, a.lost_sample.as_deref()), (5, 1, Some("x")));
+        assert_eq!(
+            (a.requests, a.lost, a.lost_sample.as_deref()),
+            (5, 1, Some("x"))
+        );
     }
 }

@@ -37,7 +37,10 @@ pub fn main(config_json: &str) -> ExitCode {
         Err(e) => return fatal(format!("bad worker configuration: {e}")),
     };
     if let Err(e) = crate::sys::raise_fd_limit() {
-        eprintln!("loadtest relay worker {}: open-file limit: {e}", config.index);
+        eprintln!(
+            "loadtest relay worker {}: open-file limit: {e}",
+            config.index
+        );
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -91,14 +94,11 @@ async fn run(config: DeviceWorkerConfig) -> ExitCode {
     tokio::task::spawn_local(read_commands(tx));
     send(&DeviceReport::Ready);
     let deadline = Instant::now() + Duration::from_secs(config.max_runtime_secs);
-    loop {
-        tokio::select! {
-            c = commands.recv() => match c {
-                Some(DeviceCommand::Go) => break,
-                Some(DeviceCommand::Stop) | None => return ExitCode::SUCCESS,
-            },
-            _ = sleep_until(deadline) => return ExitCode::SUCCESS,
-        }
+    tokio::select! {
+        c = commands.recv() => if c != Some(DeviceCommand::Go) {
+            return ExitCode::SUCCESS;
+        },
+        _ = sleep_until(deadline) => return ExitCode::SUCCESS,
     }
     let (stop_tx, stop) = watch::channel(false);
     let stats = Rc::new(RefCell::new(DeviceStats::default()));
@@ -241,7 +241,8 @@ impl Device {
             }
             let deadline = Instant::now() + self.ctx.handshake_timeout;
             let result = async {
-                let mut ws = fleet::open(&self.ctx, self.source, self.tls.clone(), deadline).await?;
+                let mut ws =
+                    fleet::open(&self.ctx, self.source, self.tls.clone(), deadline).await?;
                 let unit = fleet::expect_hello(&mut ws, deadline, "session").await?;
                 Ok::<_, Failure>((ws, unit))
             }
