@@ -289,6 +289,9 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         let thread = std::thread::Builder::new()
             .name(format!("shard-{id}"))
             .spawn(move || {
+                if crate::sys::COUNT_SHARD_THREADS.load(Ordering::Relaxed) {
+                    crate::sys::CountingAlloc::count_this_thread(true);
+                }
                 if pin {
                     if let Err(e) = crate::sys::pin_current_thread(id % ncpu) {
                         tracing::debug!(shard = id, error = %e, "cannot pin thread");
@@ -377,6 +380,13 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     let mut registrar = registrar;
     registrar.status = Some(shared.status.clone());
     registrar.shard_stats = Some(shared.stats.clone());
+    registrar.handout = {
+        // The real port when 0 was asked for.
+        let mut c = config.clone();
+        c.server.listen.set_port(local_addr.port());
+        handout_gateways(&c)
+    };
+    registrar.root_fingerprint = Some(keystore.fingerprint());
     let registrar = std::thread::Builder::new()
         .name("registrar".into())
         .spawn(move || registrar.run(jobs_rx))

@@ -970,7 +970,7 @@ fn mgmt_add_list_revoke_on_the_command_line() {
     assert_eq!(revoked.len(), 1);
     assert_eq!(
         (revoked[0].1.as_str(), revoked[0].2.as_str()),
-        ("backup", "removed")
+        ("backup", "management")
     );
     // The name can be issued again.
     let r = fleetgate(&[

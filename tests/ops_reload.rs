@@ -78,7 +78,7 @@ fn sighup_rereads_the_config_without_dropping_connections() {
             &[("RUST_LOG", "")],
         );
         let config = gw.dir.path().join("fleetgate.toml");
-        let mut ws = ws_connect(&gw, "/usg/management");
+        let mut ws = ws_connect(&gw, "/usg/echo");
         ping_pong(&mut ws, b"before");
         assert!(device_limit(&gw).contains("unlimited"));
         assert!(!gw.log().contains(" DEBUG "), "{}", gw.log());

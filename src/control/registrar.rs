@@ -63,6 +63,10 @@ pub struct Registrar {
     pub status: Option<Arc<crate::status::StatusCell>>,
     /// Every shard's counters, for the `status` method.
     pub shard_stats: Option<Arc<[crate::metrics::ShardStats]>>,
+    /// Public gateway addresses for `keys.export`.
+    pub handout: crate::export::HandoutConfig,
+    /// The served root's fingerprint, for `keys.export`.
+    pub root_fingerprint: Option<Fingerprint>,
 }
 
 impl std::fmt::Debug for Registrar {
@@ -125,6 +129,8 @@ impl Registrar {
             throttle_audited: HashMap::new(),
             status: None,
             shard_stats: None,
+            handout: crate::export::HandoutConfig::default(),
+            root_fingerprint: None,
         }
     }
 
@@ -646,6 +652,52 @@ impl Registrar {
                         .collect();
                     json!({ "keys": list })
                 }
+                "keys.export" => {
+                    let keys: Vec<String> = p["keys"]
+                        .as_array()
+                        .ok_or_else(|| bad("keys must be a list"))?
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(|k| k.trim().to_owned())
+                        .collect();
+                    if keys.is_empty() {
+                        return Err(bad("no key given"));
+                    }
+                    for k in &keys {
+                        let info = self
+                            .registry
+                            .find_key(&crate::registry::KeyRef::Value(k.clone()))
+                            .map_err(storage)?
+                            .ok_or_else(|| bad(&format!("no such key: {k}")))?;
+                        if !info.is_usable() {
+                            return Err(bad(&format!(
+                                "key #{} is {}",
+                                info.id,
+                                info.state().as_str()
+                            )));
+                        }
+                    }
+                    let format = match p["format"].as_str().unwrap_or("text") {
+                        "text" => crate::export::Format::Text,
+                        "xml" => crate::export::Format::Xml,
+                        "html" => crate::export::Format::Html,
+                        other => return Err(bad(&format!("unknown format {other:?}"))),
+                    };
+                    let fingerprint = self.root_fingerprint.ok_or_else(|| {
+                        (
+                            "internal_error".to_owned(),
+                            "no root certificate".to_owned(),
+                        )
+                    })?;
+                    let handout = crate::export::Handout {
+                        gateways: &self.handout.gateways,
+                        fingerprint: &fingerprint,
+                        keys: &keys,
+                    };
+                    let content = crate::export::render(&handout, format)
+                        .map_err(|e| ("bad_request".to_owned(), e.to_string()))?;
+                    json!({ "content": content, "file_name": format.file_name() })
+                }
                 "keys.revoke" => {
                     let key = p["key"].as_str().ok_or_else(|| bad("key missing"))?;
                     self.registry
@@ -711,8 +763,13 @@ impl Registrar {
             set.insert(fp.0, why == "superseded");
             if !self.revocations.contains(&fp.0) {
                 let superseded = why == "superseded";
-                tracing::info!(unit = %unit, fingerprint = %fp.hex(), "credential {why}; closing its session if connected");
-                if !superseded {
+                let management = why == "management";
+                if management {
+                    tracing::info!(name = %unit, fingerprint = %fp.hex(), "management certificate revoked; closing its connection if connected");
+                } else {
+                    tracing::info!(unit = %unit, fingerprint = %fp.hex(), "credential {why}; closing its session if connected");
+                }
+                if !superseded && !management {
                     self.event(&unit, json!({"event": "device_removed"}));
                 }
                 kicks.push(Kick {
@@ -722,7 +779,7 @@ impl Registrar {
                     } else {
                         Reason::CredentialRevoked
                     },
-                    drop_settings: !superseded,
+                    drop_settings: !superseded && !management,
                 });
             }
         }

@@ -416,7 +416,13 @@ impl UringDriver {
                         if !closing && !paused {
                             self.starved.push(key);
                         }
-                    } else if res != -libc::ECANCELED && !closing {
+                    } else if res == -libc::ECANCELED {
+                        // Cancelled by a pause that was lifted before the cancellation
+                        // completed: receive again.
+                        if !closing && !paused && !more {
+                            self.starved.push(key);
+                        }
+                    } else if !closing {
                         out.push(Event::RecvError {
                             key,
                             err: io::Error::from_raw_os_error(-res),

@@ -348,7 +348,7 @@ impl Registry {
     /// Every revoked credential (removed or superseded) that is not yet past its `not_after`:
     /// the gateway's in-memory revocation list. (An expired certificate fails the TLS
     /// handshake anyway, so it need not be listed.) One scan of `devices`, plus the revoked
-    /// management client certificates (`fleetgate mgmt revoke`): reason `removed`, the
+    /// management client certificates (`fleetgate mgmt revoke`): reason `management`, the
     /// management client's name in the unit column.
     pub fn revoked_credentials(
         &self,
@@ -358,7 +358,7 @@ impl Registry {
             "SELECT fingerprint, unit_id, coalesce(revoked_reason, 'removed') FROM devices
              WHERE revoked_at IS NOT NULL AND not_after >= ?1
              UNION ALL
-             SELECT fingerprint, name, 'removed' FROM management_clients
+             SELECT fingerprint, name, 'management' FROM management_clients
              WHERE revoked_at IS NOT NULL AND not_after >= ?1",
         )?;
         let rows = stmt

@@ -303,7 +303,11 @@ mod tests {
         let list = reg.revoked_credentials(T0 + 2).unwrap();
         assert_eq!(
             list,
-            vec![(Fingerprint([1; 32]), "ops".to_owned(), "removed".to_owned())]
+            vec![(
+                Fingerprint([1; 32]),
+                "ops".to_owned(),
+                "management".to_owned()
+            )]
         );
         // Past its notAfter the TLS handshake refuses it anyway: no longer listed.
         assert!(reg.revoked_credentials(T0 + YEAR + 1).unwrap().is_empty());

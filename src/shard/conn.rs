@@ -233,6 +233,9 @@ pub struct Conn {
     pub paused: bool,
     /// Paused because another shard's mesh inbox was full (resumed by the shard).
     pub stalled: bool,
+    /// Counted in the shard's handshakes-in-progress (accept pacing) until it leaves the
+    /// handshake for any reason (done, EOF, timeout, close).
+    pub handshake_counted: bool,
     /// The shard has asked the driver to close it.
     pub closing: bool,
     /// Where the connection is going (see [`After`]).
@@ -273,6 +276,7 @@ impl Conn {
             in_flight: 0,
             paused: false,
             stalled: false,
+            handshake_counted: false,
             closing: false,
             after: After::Continue,
             since_ms: now_ms,
@@ -327,7 +331,11 @@ impl Conn {
             header.write(out);
             out.extend_from_slice(body);
         };
-        if header.kind.is_bulk() {
+        // A stream's close must not overtake that stream's queued data: while data is waiting
+        // it queues behind it (a reset, which aborts, still goes first).
+        let behind_data =
+            header.kind == crate::proto::envelope::Kind::Close && !self.bulk.is_empty();
+        if header.kind.is_bulk() || behind_data {
             let mut frame = cx.pool.take();
             frame.clear();
             write(&mut frame);

@@ -145,6 +145,8 @@ pub struct Shard<D: Driver> {
     relay_limits: RelayLimits,
     /// Issuers of the two client-certificate CAs.
     client_cas: ClientCas,
+    /// A spare list for the envelopes of one input (swapped with the connection's).
+    relay_spare: Vec<Vec<u8>>,
 }
 
 /// The rest of what a shard starts with.
@@ -236,6 +238,7 @@ impl<D: Driver> Shard<D> {
             managers: Vec::new(),
             relay_limits,
             client_cas,
+            relay_spare: Vec::with_capacity(16),
         }
     }
 
@@ -351,14 +354,8 @@ impl<D: Driver> Shard<D> {
                     revocations,
                     client_cas,
                 };
-                let conn = &mut conns[key.slot as usize];
-                let was_handshaking = conn.is_handshaking();
-                conn.on_data(input, &mut cx);
-                let done_handshaking = was_handshaking && !conn.is_handshaking();
+                conns[key.slot as usize].on_data(input, &mut cx);
                 self.driver.recycle(buf);
-                if done_handshaking {
-                    self.handshake_ended();
-                }
                 self.take_request(key.slot as usize);
                 self.route_envelopes(key.slot as usize);
                 self.act(key.slot as usize);
@@ -405,7 +402,7 @@ impl<D: Driver> Shard<D> {
                     self.generations[slot] =
                         (self.generations[slot] + 1) & ConnKey::GENERATION_MASK;
                     conn::uncount(self.stats(), conn.endpoint());
-                    if conn.is_handshaking() {
+                    if conn.handshake_counted {
                         self.handshake_ended();
                     }
                     if let Some(s) = conn.session() {
@@ -465,6 +462,7 @@ impl<D: Driver> Shard<D> {
         let now = self.now_ms();
         let mut conn = Conn::new(tls, now);
         conn.peer = peer.map(|p| p.ip());
+        conn.handshake_counted = true;
         let slot = self.conns.insert(conn);
         if self.generations.len() <= slot {
             self.generations.resize(slot + 1, 0);
@@ -616,6 +614,13 @@ impl<D: Driver> Shard<D> {
     fn act(&mut self, slot: usize) {
         let key = self.key(slot);
         let max_q = self.settings.max_queued_output;
+        {
+            let c = &mut self.conns[slot];
+            if c.handshake_counted && !c.is_handshaking() {
+                c.handshake_counted = false;
+                self.handshake_ended();
+            }
+        }
         let c = &mut self.conns[slot];
         if c.closing {
             return;
@@ -642,7 +647,7 @@ impl<D: Driver> Shard<D> {
             c.paused = true;
             self.shared.stats[self.id].error(ErrorKind::Backpressure);
             self.driver.pause_recv(key);
-        } else if c.paused && c.queued() <= max_q / 2 {
+        } else if c.paused && !c.stalled && c.queued() <= max_q / 2 {
             c.paused = false;
             self.driver.resume_recv(key);
         }

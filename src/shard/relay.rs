@@ -75,13 +75,15 @@ impl<D: Driver> Shard<D> {
             return;
         }
         let key = self.key(slot);
-        let envs = std::mem::take(&mut self.conns[slot].relay_in);
+        // Swap the connection's list with the shard's spare one (no allocation per message).
+        let mut envs = std::mem::take(&mut self.relay_spare);
+        std::mem::swap(&mut envs, &mut self.conns[slot].relay_in);
         let from_mgmt = self.conns[slot].management().is_some();
         let device_unit = self.conns[slot]
             .session()
             .map(|s| Unit::new(&s.unit_id))
             .filter(|_| !from_mgmt);
-        for env in envs {
+        for env in envs.drain(..) {
             let parsed = fields(&env);
             match parsed {
                 Err(e) => {
@@ -101,11 +103,21 @@ impl<D: Driver> Shard<D> {
                 }
             }
         }
+        for env in envs.drain(..) {
+            self.pool.give(env);
+        }
+        self.relay_spare = envs;
         self.act(slot);
     }
 
     /// An envelope from a management connection.
-    fn route_from_management(&mut self, from: ConnKey, mut f: Fields, env: Vec<u8>, body_at: usize) {
+    fn route_from_management(
+        &mut self,
+        from: ConnKey,
+        mut f: Fields,
+        env: Vec<u8>,
+        body_at: usize,
+    ) {
         ShardStats::inc(&self.stats().relay_in);
         if f.unit.len == 0 {
             // For the gateway itself.
@@ -133,7 +145,14 @@ impl<D: Driver> Shard<D> {
 
     /// An envelope from a device session: to the management connection named by its route,
     /// or (an event with route 0) to all of them.
-    fn route_from_device(&mut self, from: ConnKey, unit: Unit, mut f: Fields, env: Vec<u8>, at: usize) {
+    fn route_from_device(
+        &mut self,
+        from: ConnKey,
+        unit: Unit,
+        mut f: Fields,
+        env: Vec<u8>,
+        at: usize,
+    ) {
         ShardStats::inc(&self.stats().relay_in);
         f.unit = unit;
         let transit = self.transit(&f, &env[at..]);
@@ -216,11 +235,13 @@ impl<D: Driver> Shard<D> {
             return;
         }
         let c = &mut self.conns[key.slot as usize];
-        if !c.paused {
-            c.paused = true;
+        if !c.stalled {
             c.stalled = true;
-            self.driver.pause_recv(key);
             self.stalled.push(key);
+            if !c.paused {
+                c.paused = true;
+                self.driver.pause_recv(key);
+            }
             self.stats().error(ErrorKind::Backpressure);
         }
     }
@@ -241,11 +262,15 @@ impl<D: Driver> Shard<D> {
             if self.mesh_backlog.is_empty() && !self.stalled.is_empty() {
                 for key in std::mem::take(&mut self.stalled) {
                     if self.live(key) {
+                        let max_q = self.settings.max_queued_output;
                         let c = &mut self.conns[key.slot as usize];
                         if c.stalled {
                             c.stalled = false;
-                            c.paused = false;
-                            self.driver.resume_recv(key);
+                            // Still paused if its own output is backed up (act() resumes it).
+                            if c.queued() <= max_q / 2 {
+                                c.paused = false;
+                                self.driver.resume_recv(key);
+                            }
                         }
                     }
                 }

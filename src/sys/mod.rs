@@ -147,6 +147,12 @@ mod tests {
 #[derive(Debug)]
 pub struct CountingAlloc;
 
+/// When set before the gateway starts, every shard thread counts its allocations with
+/// [`CountingAlloc`] (only meaningful in a program that installs it as the global allocator:
+/// the relay allocation bench).
+pub static COUNT_SHARD_THREADS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 static COUNTED_NET_BYTES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 static COUNTED_ALLOCS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 thread_local! {
@@ -160,6 +166,11 @@ impl CountingAlloc {
         let r = f();
         COUNTING.with(|c| c.set(false));
         r
+    }
+
+    /// Counts (or stops counting) this thread's allocations from now on.
+    pub fn count_this_thread(on: bool) {
+        COUNTING.with(|c| c.set(on));
     }
 
     /// Net bytes allocated (allocated − freed) inside `count` so far.
