@@ -383,19 +383,28 @@ impl DevicePool {
     pub async fn stop(&mut self) -> Result<()> {
         self.broadcast(DeviceCommand::Stop).await;
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut finished = 0;
-        while finished < self.workers.len() {
-            match self.next(deadline).await {
-                Ok((_, DeviceReport::Finished(s))) => {
-                    finished += 1;
+        let mut finished = vec![false; self.workers.len()];
+        while finished.iter().any(|f| !f) {
+            let event = tokio::time::timeout_at(deadline, self.events.recv()).await;
+            match event {
+                Ok(Some((i, Some(DeviceReport::Finished(s))))) => {
+                    finished[i] = true;
                     self.stats.merge(&s);
                 }
-                Ok(_) => {}
-                Err(e) => {
+                Ok(Some((i, None))) if finished[i] => {}
+                Ok(Some((_, Some(_)))) => {}
+                other => {
                     for w in &mut self.workers {
                         let _ = w.child.start_kill();
                     }
-                    return Err(e);
+                    bail!(
+                        "device workers did not all report their figures ({})",
+                        match other {
+                            Ok(Some((i, _))) => format!("worker {i} exited early"),
+                            Ok(None) => "all gone".to_owned(),
+                            Err(_) => "timeout".to_owned(),
+                        }
+                    );
                 }
             }
         }
