@@ -650,7 +650,7 @@ impl Running {
             crate::admin::Request::Reload => {
                 let keystore = self.reload_keystore().map_err(|e| {
                     tracing::error!("keystore reload (admin socket) failed: {e}");
-                    format!("keystore not reloaded: {e}")
+                    format!("keystore not reloaded, the gateway kept its current keystore: {e}")
                 });
                 match (keystore, self.reload_config()) {
                     (Ok(()), Ok(r)) => crate::admin::Response {

@@ -95,7 +95,7 @@ if [ ! -d "$site/autobahntestsuite" ]; then
     mkdir -p "$home"
     rm -rf "$site.partial"
     # --target skips .pth files (zope namespace); the wrapper below uses site.addsitedir.
-    timeout 600 "$python" -m pip install --disable-pip-version-check --no-python-version-warning -q \
+    timeout 600 "$python" -m pip install --disable-pip-version-check -q \
         --target "$site.partial" "autobahntestsuite==$version" \
         || die "pip install of autobahntestsuite failed"
     mv "$site.partial" "$site"
