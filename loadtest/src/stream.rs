@@ -533,54 +533,17 @@ async fn push(
     let mut rr = 0usize;
     let mut write_error = None;
     loop {
-        let mut batch: Vec<Vec<u8>> = Vec::new();
-        let mut data_bytes = 0u64;
-        let (mut waiting, mut finished) = (false, true);
-        {
-            let mut streams = shared.streams.lock().expect("not poisoned");
-            let n = streams.len();
-            for k in 0..n {
-                let i = (rr + k) % n;
-                let s = &mut streams[i];
-                if s.done {
-                    continue;
-                }
-                finished = false;
-                if s.close_sent {
-                    continue;
-                }
-                waiting = true;
-                if !s.accepted {
-                    continue;
-                }
-                if s.remaining == 0 {
-                    s.close_sent = true;
-                    batch.push(envelope::encode(
-                        envelope::CLOSE,
-                        s.channel,
-                        0,
-                        &s.unit,
-                        br#"{"ok":true}"#,
-                    ));
-                    continue;
-                }
-                let len = (chunk as u64).min(s.remaining);
-                if s.credit < len as i64 {
-                    continue;
-                }
-                s.credit -= len as i64;
-                s.remaining -= len;
-                let mut msg = Vec::with_capacity(envelope::FIXED_HEADER + s.unit.len() + chunk);
-                envelope::write_header(&mut msg, envelope::DATA, s.channel, 0, &s.unit);
-                msg.extend_from_slice(&pattern[..len as usize]);
-                batch.push(msg);
-                data_bytes += len;
-                if batch.len() >= 16 {
-                    rr = i + 1;
-                    break;
-                }
-            }
-        }
+        let Batch {
+            msgs: batch,
+            data_bytes,
+            waiting,
+            finished,
+        } = next_batch(
+            &mut shared.streams.lock().expect("not poisoned"),
+            &mut rr,
+            chunk,
+            &pattern,
+        );
         if finished || Instant::now() >= deadline {
             break;
         }
@@ -625,6 +588,71 @@ async fn push(
     Ok(shared.streams.into_inner().expect("not poisoned"))
 }
 
+/// What the writer sends next.
+struct Batch {
+    msgs: Vec<Vec<u8>>,
+    data_bytes: u64,
+    /// Some stream has not sent its close yet.
+    waiting: bool,
+    /// Every stream is over.
+    finished: bool,
+}
+
+/// Up to 16 envelopes: one data chunk per stream that has the credit for it (round-robin from
+/// `rr`), and the `close` of every accepted stream whose bytes are all sent. Never sends more
+/// than a stream's credit.
+fn next_batch(streams: &mut [St], rr: &mut usize, chunk: usize, pattern: &[u8]) -> Batch {
+    let mut b = Batch {
+        msgs: Vec::new(),
+        data_bytes: 0,
+        waiting: false,
+        finished: true,
+    };
+    let n = streams.len();
+    for k in 0..n {
+        let i = (*rr + k) % n;
+        let s = &mut streams[i];
+        if s.done {
+            continue;
+        }
+        b.finished = false;
+        if s.close_sent {
+            continue;
+        }
+        b.waiting = true;
+        if !s.accepted {
+            continue;
+        }
+        if s.remaining == 0 {
+            s.close_sent = true;
+            b.msgs.push(envelope::encode(
+                envelope::CLOSE,
+                s.channel,
+                0,
+                &s.unit,
+                br#"{"ok":true}"#,
+            ));
+            continue;
+        }
+        let len = (chunk as u64).min(s.remaining);
+        if s.credit < len as i64 {
+            continue;
+        }
+        s.credit -= len as i64;
+        s.remaining -= len;
+        let mut msg = Vec::with_capacity(envelope::FIXED_HEADER + s.unit.len() + chunk);
+        envelope::write_header(&mut msg, envelope::DATA, s.channel, 0, &s.unit);
+        msg.extend_from_slice(&pattern[..len as usize]);
+        b.msgs.push(msg);
+        b.data_bytes += len;
+        if b.msgs.len() >= 16 {
+            *rr = i + 1;
+            break;
+        }
+    }
+    b
+}
+
 /// The `window` of an `accept` body.
 fn accept_window(body: &[u8]) -> Option<u32> {
     #[derive(serde::Deserialize)]
@@ -639,6 +667,67 @@ fn accept_window(body: &[u8]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stream(channel: u32, remaining: u64) -> St {
+        St {
+            unit: format!("lt-{channel:06}"),
+            channel,
+            remaining,
+            credit: 0,
+            accepted: false,
+            close_sent: false,
+            done: false,
+            opened: None,
+            finished: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_writer_never_exceeds_credit_and_closes_after_the_last_byte() {
+        let pattern = vec![7u8; 16384];
+        let mut streams = vec![stream(1, 40_000), stream(2, 100_000)];
+        let mut rr = 0;
+        // Nothing before accept.
+        let b = next_batch(&mut streams, &mut rr, 16384, &pattern);
+        assert!(b.msgs.is_empty() && b.waiting && !b.finished);
+        // Stream 1: accepted with a 20,000-byte window: one chunk fits, a second does not.
+        streams[0].accepted = true;
+        streams[0].credit = 20_000;
+        let b = next_batch(&mut streams, &mut rr, 16384, &pattern);
+        assert_eq!((b.msgs.len(), b.data_bytes), (1, 16384));
+        let e = Envelope::parse(&b.msgs[0]).unwrap();
+        assert_eq!(
+            (e.kind, e.channel, e.unit, e.body.len()),
+            (envelope::DATA, 1, "lt-000001", 16384)
+        );
+        assert!(
+            next_batch(&mut streams, &mut rr, 16384, &pattern)
+                .msgs
+                .is_empty()
+        );
+        // Credit for the rest: the last piece is short, then the close.
+        streams[0].credit += 30_000;
+        let mut sent = 0;
+        let mut closed = false;
+        for _ in 0..5 {
+            for m in next_batch(&mut streams, &mut rr, 16384, &pattern).msgs {
+                let e = Envelope::parse(&m).unwrap();
+                match e.kind {
+                    envelope::DATA => sent += e.body.len(),
+                    envelope::CLOSE => closed = true,
+                    k => panic!("kind {k}"),
+                }
+            }
+        }
+        assert_eq!(sent, 40_000 - 16384);
+        assert!(closed && streams[0].close_sent);
+        assert!(streams[0].credit >= 0);
+        // Both streams over: finished.
+        streams[0].done = true;
+        streams[1].done = true;
+        assert!(next_batch(&mut streams, &mut rr, 16384, &pattern).finished);
+    }
 
     #[test]
     fn open_and_accept_bodies() {
