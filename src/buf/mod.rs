@@ -39,6 +39,20 @@ impl VecPool {
         self.free.push(v);
     }
 
+    /// A vector with room for `need` bytes and at most twice that: one of the last few pooled
+    /// that fits, or a new one of exactly `need`. For buffers that stay queued (relay data
+    /// frames), so a small frame never pins a large buffer.
+    pub fn take_fitting(&mut self, need: usize) -> Vec<u8> {
+        let n = self.free.len();
+        for i in (n.saturating_sub(8)..n).rev() {
+            let c = self.free[i].capacity();
+            if c >= need && c <= need.saturating_mul(2) {
+                return self.free.swap_remove(i);
+            }
+        }
+        Vec::with_capacity(need)
+    }
+
     /// Vectors currently pooled.
     pub fn len(&self) -> usize {
         self.free.len()
@@ -53,6 +67,18 @@ impl VecPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_fitting_never_hands_out_a_much_larger_buffer() {
+        let mut p = VecPool::new(16, 1 << 20);
+        p.give(Vec::with_capacity(256 * 1024));
+        let v = p.take_fitting(16 * 1024);
+        assert!(v.capacity() >= 16 * 1024 && v.capacity() <= 32 * 1024);
+        assert_eq!(p.len(), 1, "the big buffer stays pooled");
+        p.give(v);
+        let w = p.take_fitting(16 * 1024 + 10);
+        assert!(w.capacity() >= 16 * 1024 + 10 && w.capacity() <= 2 * (16 * 1024 + 10));
+    }
 
     #[test]
     fn reuses_and_bounds() {

@@ -127,6 +127,9 @@ pub struct Cx<'a> {
     pub staged: &'a mut Vec<u8>,
     /// Output buffers.
     pub pool: &'a mut VecPool,
+    /// Relay data frames waiting in bulk lanes (sized to fit, kept apart from `pool`'s large
+    /// output buffers so a queued 16 KiB frame never pins a 256 KiB buffer).
+    pub frame_pool: &'a mut VecPool,
     /// Registration and session figures, the device limit.
     pub onboarding: &'a Onboarding,
     /// Credentials that must not open a session.
@@ -336,7 +339,8 @@ impl Conn {
         let behind_data =
             header.kind == crate::proto::envelope::Kind::Close && !self.bulk.is_empty();
         if header.kind.is_bulk() || behind_data {
-            let mut frame = cx.pool.take();
+            let need = ws::MAX_HEADER_LEN + header.len() + body.len();
+            let mut frame = cx.frame_pool.take_fitting(need);
             frame.clear();
             write(&mut frame);
             self.bulk_bytes += frame.len();
@@ -368,7 +372,7 @@ impl Conn {
             if self.tls.send(&frame, &mut self.out).is_err() {
                 self.after = After::Abort;
             }
-            cx.pool.give(frame);
+            cx.frame_pool.give(frame);
         }
     }
 

@@ -147,6 +147,8 @@ pub struct Shard<D: Driver> {
     client_cas: ClientCas,
     /// A spare list for the envelopes of one input (swapped with the connection's).
     relay_spare: Vec<Vec<u8>>,
+    /// Relay data frames (see [`Cx::frame_pool`]).
+    frame_pool: VecPool,
 }
 
 /// The rest of what a shard starts with.
@@ -215,7 +217,7 @@ impl<D: Driver> Shard<D> {
             settings,
             tls_config,
             wheel: TimerWheel::new(),
-            pool: VecPool::new(1024, 256 * 1024),
+            pool: VecPool::new(64, 256 * 1024),
             scratch: Vec::with_capacity(16 * 1024),
             staged: Vec::with_capacity(16 * 1024),
             shared,
@@ -239,6 +241,7 @@ impl<D: Driver> Shard<D> {
             relay_limits,
             client_cas,
             relay_spare: Vec::with_capacity(16),
+            frame_pool: VecPool::new(128, 128 * 1024),
         }
     }
 
@@ -333,6 +336,7 @@ impl<D: Driver> Shard<D> {
                     scratch,
                     staged,
                     pool,
+                    frame_pool,
                     id,
                     revocations,
                     client_cas,
@@ -350,6 +354,7 @@ impl<D: Driver> Shard<D> {
                     scratch,
                     staged,
                     pool,
+                    frame_pool,
                     onboarding: &shared.onboarding,
                     revocations,
                     client_cas,
@@ -422,7 +427,7 @@ impl<D: Driver> Shard<D> {
                         }
                     }
                     let mut conn = conn;
-                    conn.clear_bulk(&mut self.pool);
+                    conn.clear_bulk(&mut self.frame_pool);
                     ShardStats::dec(&self.stats().connections);
                     if let Some(b) = (conn.out.capacity() > 0).then_some(conn.out) {
                         self.pool.give(b);
@@ -523,6 +528,7 @@ impl<D: Driver> Shard<D> {
             scratch,
             staged,
             pool,
+            frame_pool,
             id,
             revocations,
             client_cas,
@@ -538,6 +544,7 @@ impl<D: Driver> Shard<D> {
             scratch,
             staged,
             pool,
+            frame_pool,
             onboarding: &shared.onboarding,
             revocations,
             client_cas,
