@@ -8,8 +8,10 @@
 //!   the gateway; a tag whose connection is gone (the generation no longer matches) is
 //!   recognised and the message dropped or answered `link_closed`.
 //! * **Directory.** Management messages name a unit; every shard keeps a replica of
-//!   `unit → (shard, connection)` ([`Directory`]), updated by the registrar (which hears of
-//!   every session) through each shard's command inbox. A lookup is one local hash probe; the
+//!   `unit → (shard, connection)` ([`Directory`]). The shard that admits a session updates
+//!   its own replica at once and tells the others over the mesh, so a message sent right
+//!   after the device's `hello` already finds it; the registrar (which hears of every session)
+//!   updates them again through the command inboxes, in order with the `device_up` event. A lookup is one local hash probe; the
 //!   replica costs about 60 B per connected device per shard.
 //! * **Mesh.** Envelopes for a connection on another shard travel over that shard's bounded
 //!   inbox ([`Mesh`]; `std::sync::mpsc::sync_channel`, a lock-free bounded queue) with one
@@ -119,6 +121,21 @@ pub enum MeshMsg {
     Recycle(Vec<u8>),
     /// A transit envelope for every management connection of the shard (events).
     Broadcast(std::sync::Arc<[u8]>),
+    /// A device session started on the sending shard: update the directory replica at once
+    /// (the registrar's own update follows, in order with the `device_up` event).
+    DirPut {
+        /// The unit ID.
+        unit: Box<str>,
+        /// Where.
+        loc: Location,
+    },
+    /// A device session ended on the sending shard.
+    DirDel {
+        /// The unit ID.
+        unit: Box<str>,
+        /// Where it was.
+        loc: Location,
+    },
 }
 
 /// Every shard's mesh inbox and wake-up. Built once all shards run, handed to each.

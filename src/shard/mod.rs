@@ -418,6 +418,7 @@ impl<D: Driver> Shard<D> {
                             self.managers.retain(|k| *k != key);
                         } else {
                             self.shared.onboarding.close_session();
+                            self.directory_update(&s.unit_id, key, false);
                             let _ = self.shared.jobs.send(Job::SessionDown {
                                 fingerprint: crate::pki::Fingerprint(s.fingerprint),
                                 unit_id: s.unit_id.clone(),
@@ -588,7 +589,9 @@ impl<D: Driver> Shard<D> {
                     at: crate::registry::unix_now(),
                 };
                 tracing::debug!(shard = self.id, unit = %s.unit_id, "device session open");
+                let unit = s.unit_id.clone();
                 self.sessions.insert(fp, key);
+                self.directory_update(&unit, key, true);
                 job
             }
             Request::BadRegistration => Job::BadRegistration { source },

@@ -207,6 +207,8 @@ impl<D: Driver> Shard<D> {
 
     fn mesh_send(&mut self, shard: usize, msg: MeshMsg, source: Option<ConnKey>) {
         let Some(mesh) = self.mesh.clone() else {
+            // Before start-up completes there are no other shards to tell; the registrar's
+            // directory update still follows.
             if let MeshMsg::Deliver { env, .. } | MeshMsg::Recycle(env) = msg {
                 self.pool.give(env);
             }
@@ -382,6 +384,31 @@ impl<D: Driver> Shard<D> {
         self.relay_to(loc.shard, loc.conn, false, env, None);
     }
 
+    /// A device session started (`up`) or ended here: this shard's directory replica now,
+    /// every other shard's over the mesh.
+    pub(super) fn directory_update(&mut self, unit: &str, conn: ConnKey, up: bool) {
+        let loc = crate::relay::Location {
+            shard: self.id,
+            conn,
+        };
+        if up {
+            self.directory.put(unit, loc);
+        } else {
+            self.directory.remove(unit, loc);
+        }
+        for s in 0..self.shard_count {
+            if s != self.id {
+                let unit: Box<str> = unit.into();
+                let msg = if up {
+                    MeshMsg::DirPut { unit, loc }
+                } else {
+                    MeshMsg::DirDel { unit, loc }
+                };
+                self.mesh_send(s, msg, None);
+            }
+        }
+    }
+
     /// Sends a transit envelope to every management connection of every shard.
     pub(super) fn broadcast(&mut self, env: Vec<u8>) {
         let shared: Arc<[u8]> = env.as_slice().into();
@@ -434,6 +461,8 @@ impl<D: Driver> Shard<D> {
                 }
             }
             MeshMsg::Broadcast(env) => self.broadcast_local(&env),
+            MeshMsg::DirPut { unit, loc } => self.directory.put(&unit, loc),
+            MeshMsg::DirDel { unit, loc } => self.directory.remove(&unit, loc),
             MeshMsg::Recycle(buf) => self.pool.give(buf),
         }
     }
