@@ -442,8 +442,9 @@ impl Config {
         if self.tls.min_version > self.tls.max_version {
             return bad("tls.min_version", "must not be above tls.max_version");
         }
-        if self.server.shards > 256 {
-            return bad("server.shards", "at most 256");
+        if self.server.shards > 254 {
+            // The relay's routing tag stores the shard number plus one in one byte.
+            return bad("server.shards", "at most 254");
         }
         if !(512..=1 << 20).contains(&self.http.max_head_bytes) {
             return bad("http.max_head_bytes", "must be between 512 and 1048576");
@@ -535,7 +536,7 @@ impl Config {
         if self.server.shards > 0 {
             self.server.shards
         } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(254))
         }
     }
 
