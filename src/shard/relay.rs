@@ -138,9 +138,11 @@ impl<D: Driver> Shard<D> {
             self.pool.give(env);
             return;
         };
-        let transit = self.transit(&f, &env[body_at..]);
-        self.pool.give(env);
-        self.relay_to(loc.shard, loc.conn, false, transit, Some(from));
+        // The management form is the transit form but for the route: write it in place (a
+        // fixed offset), so the body — up to 64 KiB of stream data — is not copied here.
+        let mut env = env;
+        env[8..16].copy_from_slice(&f.route.to_be_bytes());
+        self.relay_to(loc.shard, loc.conn, false, env, Some(from));
     }
 
     /// An envelope from a device session: to the management connection named by its route,
