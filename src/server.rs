@@ -387,6 +387,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         handout_gateways(&c)
     };
     registrar.root_fingerprint = Some(keystore.fingerprint());
+    registrar.data_dir = data_dir.clone();
     let registrar = std::thread::Builder::new()
         .name("registrar".into())
         .spawn(move || registrar.run(jobs_rx))

@@ -3,6 +3,8 @@
 //! on both backends and across shards.
 
 mod common;
+#[path = "pki_util.rs"]
+mod pki_util;
 
 use std::collections::HashSet;
 use std::process::Command;
@@ -459,4 +461,85 @@ fn a_revoked_management_certificate_is_disconnected_and_keys_export_works() {
             .unwrap_err()
             .contains("403")
     );
+}
+
+#[test]
+fn rollover_offer_hands_the_staged_root_to_connected_devices_and_counts() {
+    let gw = Gateway::start("uring", None, &[]);
+    let key = mass_key(&gw);
+    let cert = MgmtCert::issue(&gw.data_dir(), "ops");
+    let (mut m, _) = mgmt::connect(&gw, cert.config(&gw.root_pem())).unwrap();
+    let (_a, mut dev_a) = device(&gw, &key, "ROOT-A");
+    let (_b, mut dev_b) = device(&gw, &key, "ROOT-B");
+    for _ in 0..2 {
+        mgmt::recv_until(&mut m, T, |e| {
+            e.kind == mgmt::EVENT && e.json()["event"] == "device_up"
+        })
+        .expect("device_up");
+    }
+    // Nothing staged yet: a clear refusal.
+    mgmt::send(&mut m, &mgmt::request(1, "", "rollover.offer", json!({})));
+    let resp = mgmt::recv_until(&mut m, T, |e| e.channel == 1).unwrap();
+    assert_eq!(
+        resp.json()["error"]["code"],
+        "bad_request",
+        "{}",
+        resp.json()
+    );
+    // Stage a new root (as `fleetgate pki rollover stage` does).
+    let data = gw.data_dir();
+    pki_util::create_root(&data, "Relay Test Root 2", &[]).ok();
+    let hosts = fleetgate::server::default_hosts().join(";");
+    pki_util::issue(&data, "relay-test-root-2", "relay-next", &hosts, &[]).ok();
+    let out = data.join("relay-next.pem");
+    pki_util::pki(
+        &data,
+        &[
+            "export",
+            "--cert",
+            "relay-next",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    )
+    .ok();
+    pki_util::pki(
+        &data,
+        &["rollover", "stage", "--keystore", out.to_str().unwrap()],
+    )
+    .ok();
+    mgmt::send(&mut m, &mgmt::request(2, "", "rollover.offer", json!({})));
+    // Device A supports it, device B is an older agent.
+    for (dev, supports) in [(&mut dev_a, true), (&mut dev_b, false)] {
+        let req = mgmt::recv(dev, T).expect("root.offer at the device");
+        assert_eq!(req.kind, mgmt::REQUEST);
+        assert_eq!(req.json()["method"], "root.offer");
+        assert!(
+            req.json()["params"]["root"]
+                .as_str()
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
+        let body = if supports {
+            json!({"ok": true, "result": {"accepted": true}})
+        } else {
+            json!({"ok": false, "error": {"code": "unknown_method", "message": "?"}})
+        };
+        mgmt::send(
+            dev,
+            &Env {
+                kind: mgmt::RESPONSE,
+                channel: req.channel,
+                route: req.route,
+                unit: String::new(),
+                body: body.to_string().into_bytes(),
+            },
+        );
+    }
+    let resp = mgmt::recv_until(&mut m, T, |e| e.channel == 2).expect("the offer's report");
+    let r = resp.json()["result"].clone();
+    assert_eq!(r["offered"], 2, "{r}");
+    assert_eq!(r["accepted"], 1, "{r}");
+    assert_eq!(r["lacking_feature"], 1, "{r}");
+    assert_eq!(r["lacking_root"], 1, "{r}");
 }

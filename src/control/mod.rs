@@ -164,6 +164,15 @@ pub enum Job {
         /// Why.
         reason: Reason,
     },
+    /// A device answered a request the gateway itself sent (route [`GATEWAY_ROUTE`]).
+    ///
+    /// [`GATEWAY_ROUTE`]: crate::relay::GATEWAY_ROUTE
+    DeviceAnswer {
+        /// The request id.
+        channel: u32,
+        /// The response body (JSON).
+        body: Vec<u8>,
+    },
     /// Re-read the revocations now (the admin socket, after `devices remove`).
     Refresh,
     /// The live sessions, for `fleetgate devices list`.
@@ -183,4 +192,7 @@ pub struct LiveSession {
     pub address: Option<String>,
     /// The shard holding the connection.
     pub shard: usize,
+    /// The connection (internal).
+    #[serde(skip)]
+    pub conn: Option<ConnKey>,
 }

@@ -67,6 +67,31 @@ pub struct Registrar {
     pub handout: crate::export::HandoutConfig,
     /// The served root's fingerprint, for `keys.export`.
     pub root_fingerprint: Option<Fingerprint>,
+    /// The data dir (the staged root of a rollover).
+    pub data_dir: std::path::PathBuf,
+    /// A `rollover.offer` in progress.
+    rollover: Option<RolloverOffer>,
+    next_channel: u32,
+}
+
+/// A `rollover.offer` waiting for the devices' answers.
+struct RolloverOffer {
+    /// Who asked: shard, management connection, request id.
+    asker: (usize, ConnKey, u32),
+    /// Request id → the device's credential.
+    outstanding: HashMap<u32, Fingerprint>,
+    staged: Fingerprint,
+    offered: usize,
+    accepted: usize,
+    unsupported: usize,
+    deadline: Instant,
+}
+
+/// How long devices have to answer `root.offer`.
+const ROLLOVER_ANSWER_TIME: Duration = Duration::from_secs(5);
+
+fn is_method(body: &[u8], method: &str) -> bool {
+    serde_json::from_slice::<RequestBody>(body).is_ok_and(|r| r.method == method)
 }
 
 impl std::fmt::Debug for Registrar {
@@ -131,6 +156,9 @@ impl Registrar {
             shard_stats: None,
             handout: crate::export::HandoutConfig::default(),
             root_fingerprint: None,
+            data_dir: std::path::PathBuf::new(),
+            rollover: None,
+            next_channel: 1,
         }
     }
 
@@ -140,9 +168,11 @@ impl Registrar {
         let mut next_flush = Instant::now() + FLUSH_EVERY;
         let mut batch: Vec<Job> = Vec::new();
         loop {
-            let wait = next_flush
-                .min(next_refresh)
-                .saturating_duration_since(Instant::now());
+            let mut wake_at = next_flush.min(next_refresh);
+            if let Some(r) = &self.rollover {
+                wake_at = wake_at.min(r.deadline);
+            }
+            let wait = wake_at.saturating_duration_since(Instant::now());
             match inbox.recv_timeout(wait) {
                 Ok(job) => {
                     batch.push(job);
@@ -158,6 +188,9 @@ impl Registrar {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let now = Instant::now();
+            if self.rollover.as_ref().is_some_and(|r| now >= r.deadline) {
+                self.rollover_finish();
+            }
             if now >= next_flush {
                 next_flush = now + FLUSH_EVERY;
                 self.flush_sessions();
@@ -215,10 +248,12 @@ impl Registrar {
                                 since: at,
                                 address: None,
                                 shard,
+                                conn: None,
                             },
                             0,
                         )
                     });
+                    e.0.conn = Some(conn);
                     e.0.since = at;
                     e.0.shard = shard;
                     e.0.address = source.map(|a| a.to_string());
@@ -282,6 +317,15 @@ impl Registrar {
                     }
                 }
                 Job::Refresh => self.refresh(),
+                Job::DeviceAnswer { channel, body } => self.rollover_answer(channel, &body),
+                Job::Gateway {
+                    shard,
+                    conn,
+                    channel,
+                    body,
+                } if is_method(&body, "rollover.offer") => {
+                    self.rollover_offer(shard, conn, channel)
+                }
                 Job::Gateway {
                     shard,
                     conn,
@@ -536,6 +580,157 @@ impl Registrar {
         );
         let env: Arc<[u8]> = env.into();
         self.broadcast_command(|| Command::Broadcast(env.clone()));
+    }
+
+    /// Sends a response envelope to a management connection.
+    fn respond(&self, shard: usize, conn: ConnKey, channel: u32, answer: &ResponseBody) {
+        let mut env = Vec::new();
+        envelope::write(
+            &mut env,
+            &Header {
+                kind: Kind::Response,
+                channel,
+                route: 0,
+                unit: "",
+            },
+            &answer.to_vec(),
+        );
+        self.send(shard, Command::Relay { to: conn, env });
+        if let Some(s) = self.shards.get(shard) {
+            s.waker.wake();
+        }
+    }
+
+    /// `rollover.offer`: hands the staged root to every connected device with `root.offer`,
+    /// then (when all answered, or after [`ROLLOVER_ANSWER_TIME`]) reports the counts.
+    fn rollover_offer(&mut self, shard: usize, conn: ConnKey, channel: u32) {
+        if self.rollover.is_some() {
+            let busy = ResponseBody::err("busy", "a rollover offer is already in progress");
+            self.respond(shard, conn, channel, &busy);
+            return;
+        }
+        let dir = crate::pki::DataDir::new(&self.data_dir);
+        let staged = match crate::pki::ops::rollover_staged(&dir) {
+            Ok(Some((ks, _))) => ks,
+            Ok(None) => {
+                let e = ResponseBody::err(
+                    "bad_request",
+                    "no root is staged (fleetgate pki rollover stage --keystore FILE)",
+                );
+                self.respond(shard, conn, channel, &e);
+                return;
+            }
+            Err(e) => {
+                let e = ResponseBody::err("internal_error", e.to_string());
+                self.respond(shard, conn, channel, &e);
+                return;
+            }
+        };
+        let root_pem = crate::pki::pem::cert_pem(staged.root());
+        let body = json!({"method": "root.offer", "params": {"root": root_pem}}).to_string();
+        let mut offer = RolloverOffer {
+            asker: (shard, conn, channel),
+            outstanding: HashMap::new(),
+            staged: staged.fingerprint(),
+            offered: 0,
+            accepted: 0,
+            unsupported: 0,
+            deadline: Instant::now() + ROLLOVER_ANSWER_TIME,
+        };
+        let targets: Vec<(Fingerprint, String, usize, ConnKey)> = self
+            .live
+            .iter()
+            .filter_map(|(fp, (s, _))| {
+                Some((Fingerprint(*fp), s.unit_id.clone(), s.shard, s.conn?))
+            })
+            .collect();
+        for (fp, unit, dev_shard, dev_conn) in targets {
+            let id = self.next_channel;
+            self.next_channel = self.next_channel.wrapping_add(1).max(1);
+            let mut env = Vec::new();
+            envelope::write(
+                &mut env,
+                &Header {
+                    kind: Kind::Request,
+                    channel: id,
+                    route: crate::relay::GATEWAY_ROUTE,
+                    unit: &unit,
+                },
+                body.as_bytes(),
+            );
+            self.send(dev_shard, Command::ToDevice { to: dev_conn, env });
+            offer.outstanding.insert(id, fp);
+            offer.offered += 1;
+        }
+        for s in &self.shards {
+            s.waker.wake();
+        }
+        tracing::info!(
+            devices = offer.offered,
+            "rollover: staged root offered to the connected devices"
+        );
+        self.rollover = Some(offer);
+        if self
+            .rollover
+            .as_ref()
+            .is_some_and(|r| r.outstanding.is_empty())
+        {
+            self.rollover_finish();
+        }
+    }
+
+    fn rollover_answer(&mut self, channel: u32, body: &[u8]) {
+        let Some(offer) = self.rollover.as_mut() else {
+            return;
+        };
+        let Some(fp) = offer.outstanding.remove(&channel) else {
+            return;
+        };
+        match serde_json::from_slice::<ResponseBody>(body) {
+            Ok(r) if r.ok => {
+                offer.accepted += 1;
+                let staged = offer.staged;
+                if let Err(e) = self.registry.set_device_root(&fp, &staged) {
+                    tracing::warn!(error = %e, "cannot record a device's new root");
+                }
+            }
+            Ok(r) if r.error.as_ref().is_some_and(|e| e.code == "unknown_method") => {
+                offer.unsupported += 1;
+            }
+            _ => {}
+        }
+        if self
+            .rollover
+            .as_ref()
+            .is_some_and(|r| r.outstanding.is_empty())
+        {
+            self.rollover_finish();
+        }
+    }
+
+    fn rollover_finish(&mut self) {
+        let Some(offer) = self.rollover.take() else {
+            return;
+        };
+        let lacking_root = self
+            .registry
+            .count_devices_lacking_root(&offer.staged, unix_now())
+            .unwrap_or(0);
+        let answer = ResponseBody::ok(json!({
+            "offered": offer.offered,
+            "accepted": offer.accepted,
+            "lacking_root": lacking_root,
+            "lacking_feature": offer.unsupported + offer.outstanding.len(),
+            "unanswered": offer.outstanding.len(),
+        }));
+        tracing::info!(
+            offered = offer.offered,
+            accepted = offer.accepted,
+            lacking_root,
+            "rollover offer finished"
+        );
+        let (shard, conn, channel) = offer.asker;
+        self.respond(shard, conn, channel, &answer);
     }
 
     /// Answers a request to the gateway itself (§6.4, gateway methods).

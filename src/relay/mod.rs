@@ -28,6 +28,10 @@ use crate::driver::{ConnKey, Waker};
 /// Capacity of each shard's mesh inbox (messages).
 pub const MESH_CAPACITY: usize = 4096;
 
+/// The route of requests the gateway itself sends to devices (`root.offer` for a root
+/// exchange): no shard has this tag (at most 254 shards), answers go to the registrar.
+pub const GATEWAY_ROUTE: u64 = u64::MAX;
+
 /// The routing tag of a connection (never 0: the shard byte is stored plus one).
 pub fn route_of(shard: usize, key: ConnKey) -> u64 {
     (((shard as u64 + 1) & 0xff) << 56)

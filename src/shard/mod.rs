@@ -73,6 +73,14 @@ pub enum Command {
     },
     /// A transit envelope for every management connection of this shard (events).
     Broadcast(Arc<[u8]>),
+    /// A transit envelope from the control plane for a device session of this shard (the
+    /// gateway's own requests, route `GATEWAY_ROUTE`).
+    ToDevice {
+        /// The device session.
+        to: ConnKey,
+        /// The envelope (transit form).
+        env: Vec<u8>,
+    },
     /// A new revocation list, and the sessions to close now.
     Revocations {
         /// The list for new sessions.
@@ -687,6 +695,7 @@ impl<D: Driver> Shard<D> {
                 Ok(Command::DirDel { unit, loc }) => self.directory.remove(&unit, loc),
                 Ok(Command::Relay { to, env }) => self.deliver_local(to, true, env),
                 Ok(Command::Broadcast(env)) => self.broadcast_local(&env),
+                Ok(Command::ToDevice { to, env }) => self.deliver_local(to, false, env),
                 Ok(Command::Registered { conn, outcome }) => {
                     if self.live(conn) && !self.conns[conn.slot as usize].closing {
                         let now = self.now_ms();

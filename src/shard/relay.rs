@@ -156,6 +156,17 @@ impl<D: Driver> Shard<D> {
         at: usize,
     ) {
         ShardStats::inc(&self.stats().relay_in);
+        if f.route == crate::relay::GATEWAY_ROUTE {
+            // An answer to the gateway's own request.
+            if f.kind == Kind::Response {
+                let _ = self.shared.jobs.send(Job::DeviceAnswer {
+                    channel: f.channel,
+                    body: env[at..].to_vec(),
+                });
+            }
+            self.pool.give(env);
+            return;
+        }
         f.unit = unit;
         let transit = self.transit(&f, &env[at..]);
         self.pool.give(env);
