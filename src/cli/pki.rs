@@ -649,7 +649,8 @@ fn rollover(
             let _ = writeln!(
                 out,
                 "staged a keystore under the new root\n  new root fingerprint: {}\n  active root fingerprint: {}\n\
-                 the gateway now hands the new root to devices that support it; check progress with \
+                 hand the new root to the connected devices from the management side \
+                 (`fleetgate console … rollover`, repeat as devices come online), check progress with \
                  `fleetgate pki rollover status`, then `fleetgate pki rollover switch`",
                 ks.fingerprint(),
                 fp_hex(&state.active_fingerprint)
