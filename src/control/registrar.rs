@@ -333,21 +333,7 @@ impl Registrar {
                     body,
                 } => {
                     let answer = self.gateway_request(&body);
-                    let mut env = Vec::new();
-                    envelope::write(
-                        &mut env,
-                        &Header {
-                            kind: Kind::Response,
-                            channel,
-                            route: 0,
-                            unit: "",
-                        },
-                        &answer.to_vec(),
-                    );
-                    self.send(shard, Command::Relay { to: conn, env });
-                    if let Some(s) = self.shards.get(shard) {
-                        s.waker.wake();
-                    }
+                    self.respond(shard, conn, channel, &answer);
                 }
                 Job::Sessions(reply) => {
                     let mut v: Vec<LiveSession> =
