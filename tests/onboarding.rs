@@ -280,6 +280,62 @@ fn key_guessing_is_throttled_per_source() {
 }
 
 #[test]
+fn a_registration_can_continue_as_the_session_on_the_same_connection() {
+    for driver in DRIVERS {
+        let cfg = "[limits]\nmax_devices = 1\nlimit_retry_after_secs = 30\n";
+        let gw = Gateway::start(driver, Some(cfg), &[]);
+        let k = keys(&gw, &["--one-time", "2"]);
+        let mut d = Device::new("STAY-1");
+        let (mut ws, registered, hello) = d
+            .register_and_stay(gw.addr, &gw.root_pem(), &k[0])
+            .unwrap_or_else(|e| panic!("{driver}: {e:?}"));
+        assert_eq!(registered["reason"], "granted", "{registered}");
+        assert_eq!(hello["mode"], "session", "{hello}");
+        assert_eq!(hello["unit_id"], "STAY-1", "{hello}");
+        // It is a real session: listed as connected, counted under the limit, and removing
+        // the device closes this very connection.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (ok, out, _) = fleetgate(&gw, &["devices", "list", "--connected"]);
+            if ok && out.lines().any(|l| l.starts_with("STAY-1 ")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{driver}: not listed:\n{out}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The limit (1) is taken by it: a second device that stays gets its credential but
+        // the session is refused, and the credential works once there is room.
+        let mut other = Device::new("STAY-2");
+        let (answer, next, close) = other
+            .register_and_stay(gw.addr, &gw.root_pem(), &k[1])
+            .map(|_| ())
+            .expect_err("over the limit");
+        assert_eq!(answer["type"], "registered", "{answer}");
+        let next = next.expect("a refusal after registered");
+        assert_eq!(next["reason"], "limit_reached", "{next}");
+        assert!(next["retry_after_ms"].as_u64().is_some(), "{next}");
+        assert_eq!(close, Some(4013));
+        set_timeout(&mut ws, Duration::from_secs(5));
+        let (ok, _, err) = fleetgate(&gw, &["devices", "remove", "STAY-1"]);
+        assert!(ok, "{err}");
+        let msg = read_json(&mut ws).expect("a refusal while connected");
+        assert_eq!(msg["reason"], "credential_revoked", "{driver}: {msg}");
+        assert_eq!(read_close(&mut ws), Some(1008));
+        drop(ws);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let _s = loop {
+            match other.session(gw.addr, &gw.root_pem()) {
+                Ok(ws) => break ws,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "{driver}: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+    }
+}
+
+#[test]
 fn the_connection_limit_refuses_with_the_exact_log_line() {
     for driver in DRIVERS {
         let cfg = "[limits]\nmax_devices = 2\nlimit_retry_after_secs = 30\n";

@@ -327,19 +327,22 @@ pub async fn expect_hello(
     }
 }
 
-/// Sends `register`; on success returns the certificate PEM.
+/// Sends `register` (with `session: stay`, §5.3); on success returns the certificate PEM.
+/// With `stay`, a session `hello` (or a refusal) follows on the same connection.
 pub async fn register(
     ws: &mut Ws,
     deadline: Instant,
     unit_id: &str,
     key: &str,
     csr_base64: &str,
+    stay: bool,
 ) -> Result<String, Failure> {
     let message = Message::Register {
         unit_id: unit_id.to_owned(),
         key: key.to_owned(),
         csr: csr_base64.to_owned(),
         root: None,
+        session: stay,
     };
     timeout_at(
         deadline,

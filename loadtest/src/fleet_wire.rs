@@ -47,6 +47,9 @@ pub enum Job {
         unit_prefix: String,
         /// Attempts per device (connect failures and retryable refusals are retried).
         max_attempts: u32,
+        /// Continue the registration connection as the session (`"session": true`) instead
+        /// of reconnecting with the credential.
+        stay: bool,
     },
     /// Connect with stored credentials and stay connected, reconnecting with backoff.
     Reconnect {

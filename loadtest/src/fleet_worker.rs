@@ -86,6 +86,7 @@ enum Inputs {
         keys: Vec<String>,
         prefix: String,
         max_attempts: u32,
+        stay: bool,
     },
     Reconnect {
         creds: Vec<(String, Arc<CertifiedKey>)>,
@@ -101,10 +102,12 @@ fn load_inputs(config: &FleetConfig) -> anyhow::Result<Inputs> {
             keys,
             unit_prefix,
             max_attempts,
+            stay,
         } => Inputs::Register {
             keys: crate::creds::read_keys(keys, config.first_device, config.devices)?,
             prefix: unit_prefix.clone(),
             max_attempts: (*max_attempts).max(1),
+            stay: *stay,
         },
         Job::Reconnect {
             creds,
@@ -310,13 +313,15 @@ impl Device {
     }
 }
 
-/// `register`: key pair + CSR, register without a client certificate, then one session
-/// with the new credential ("connection ready"), then close.
+/// `register`: key pair + CSR, register without a client certificate, then the session
+/// ("connection ready"): on the same connection (`stay`), or a new one with the credential
+/// (also after a session refusal that followed `registered`); it stays until the run ends.
 async fn register_device(mut d: Device, inputs: Rc<Inputs>, permit: OwnedSemaphorePermit) {
     let Inputs::Register {
         keys,
         prefix,
         max_attempts,
+        stay,
     } = &*inputs
     else {
         return;
@@ -349,10 +354,16 @@ async fn register_device(mut d: Device, inputs: Rc<Inputs>, permit: OwnedSemapho
                 let mut ws = fleet::open(&d.ctx, source, d.ctx.anonymous.clone(), deadline).await?;
                 fleet::expect_hello(&mut ws, deadline, "register").await?;
                 let sent = Instant::now();
-                let cert =
-                    fleet::register(&mut ws, deadline, &unit_id, key, &identity.csr_base64).await?;
+                let cert = fleet::register(
+                    &mut ws,
+                    deadline,
+                    &unit_id,
+                    key,
+                    &identity.csr_base64,
+                    *stay,
+                )
+                .await?;
                 let took = sent.elapsed();
-                fleet::close_in_background(ws, d.ctx.close_timeout);
                 let certified =
                     credential_from(&identity.key, &cert).map_err(|m| Failure::Error {
                         kind: FailKind::Protocol,
@@ -364,6 +375,14 @@ async fn register_device(mut d: Device, inputs: Rc<Inputs>, permit: OwnedSemapho
                     record_duration(&mut s.register_us, took);
                 }
                 credential = Some((certified, cert));
+                if *stay {
+                    // The session follows on this connection (or a refusal, after which the
+                    // next attempt connects with the credential).
+                    let unit = fleet::expect_hello(&mut ws, deadline, "session").await?;
+                    check_unit(unit.as_deref(), &unit_id)?;
+                    return Ok(ws);
+                }
+                fleet::close_in_background(ws, d.ctx.close_timeout);
                 d.stats.borrow_mut().progress.attempts += 1;
             }
             let (certified, _) = credential.as_ref().expect("set above");
@@ -371,12 +390,7 @@ async fn register_device(mut d: Device, inputs: Rc<Inputs>, permit: OwnedSemapho
             let config = d.ctx.with_credential(certified.clone());
             let mut ws = fleet::open(&d.ctx, source, config, deadline).await?;
             let unit = fleet::expect_hello(&mut ws, deadline, "session").await?;
-            if unit.as_deref().is_some_and(|u| u != unit_id) {
-                return Err(Failure::Error {
-                    kind: FailKind::Protocol,
-                    message: format!("session hello for unit {unit:?}, expected {unit_id}"),
-                });
-            }
+            check_unit(unit.as_deref(), &unit_id)?;
             Ok(ws)
         }
         .await;
@@ -440,6 +454,17 @@ async fn register_device(mut d: Device, inputs: Rc<Inputs>, permit: OwnedSemapho
             d.stats.borrow_mut().gave_up();
             return;
         }
+    }
+}
+
+/// The session `hello` names the unit that registered.
+fn check_unit(got: Option<&str>, unit_id: &str) -> Result<(), Failure> {
+    match got {
+        Some(u) if u != unit_id => Err(Failure::Error {
+            kind: FailKind::Protocol,
+            message: format!("session hello for unit {u:?}, expected {unit_id}"),
+        }),
+        _ => Ok(()),
     }
 }
 

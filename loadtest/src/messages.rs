@@ -26,6 +26,9 @@ pub enum Message {
         csr: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         root: Option<String>,
+        /// Continue this connection in session mode after `registered` (§5.3).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        session: bool,
     },
     Registered {
         reason: String,
@@ -121,10 +124,22 @@ mod tests {
             key: "K".into(),
             csr: "AAAA".into(),
             root: None,
+            session: false,
         };
         assert_eq!(
             register.to_json(),
             r#"{"type":"register","unit_id":"lt-000001","key":"K","csr":"AAAA"}"#
+        );
+        let stay = Message::Register {
+            unit_id: "lt-000001".into(),
+            key: "K".into(),
+            csr: "AAAA".into(),
+            root: None,
+            session: true,
+        };
+        assert_eq!(
+            stay.to_json(),
+            r#"{"type":"register","unit_id":"lt-000001","key":"K","csr":"AAAA","session":true}"#
         );
         assert!(Message::parse(r#"{"type":"nope"}"#).is_err());
         assert!(is_terminal_session_refusal("credential_revoked"));

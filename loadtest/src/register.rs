@@ -43,6 +43,12 @@ pub struct RegisterArgs {
     /// limit_reached, internal_error) are retried with the backoff
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
+    /// After `registered`, close and connect again with the new credential (a second, mutual
+    /// TLS handshake), as devices that do not continue in session mode do. Default: ask the
+    /// gateway to continue the registration connection as the session (`"session": true`,
+    /// docs/protocol.md §5.3)
+    #[arg(long)]
+    pub reconnect: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -135,6 +141,7 @@ fn run(args: RegisterArgs) -> Result<ExitCode> {
         keys: std::fs::canonicalize(&args.keys)?,
         unit_prefix: args.unit_prefix.clone(),
         max_attempts: args.max_attempts,
+        stay: !args.reconnect,
     };
     let default_workers = pool::cpus().max(pool::workers_for_descriptors(args.devices));
     let workers_guess = args.fleet.workers.unwrap_or(default_workers).max(1);

@@ -178,6 +178,9 @@ pub fn register(
             Trust::Pinned(fp) => Some(fp.hex()),
             Trust::System => None,
         },
+        // The agent stores the credential first and then connects with it (the session loop
+        // owns the TLS configuration that keeps the session tickets).
+        session: false,
     })
     .to_json();
     let config = state.tls_config(None)?;

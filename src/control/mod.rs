@@ -88,6 +88,8 @@ pub enum RegisterOutcome {
         certificate: String,
         /// The device CA (PEM).
         device_ca: Arc<str>,
+        /// The device asked to continue in session mode: the new credential's fingerprint.
+        session: Option<[u8; 32]>,
     },
     /// Refused: send `refused`.
     Refused {

@@ -497,6 +497,7 @@ impl Registrar {
                                 unit_id: unit,
                                 certificate: p.certificate,
                                 device_ca: self.ca_pem.clone(),
+                                session: p.msg.session.then_some(p.credential.fingerprint.0),
                             },
                         },
                     );

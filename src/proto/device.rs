@@ -68,6 +68,11 @@ pub struct Register {
     /// root exchanges. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
+    /// `true`: when the key is accepted, keep this connection open and continue it in session
+    /// mode (a session `hello` follows `registered`) instead of closing it, which saves the
+    /// device a second TLS handshake. Optional; absent means `false` (close after the answer).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub session: bool,
 }
 
 /// Gateway → device: the key was accepted.

@@ -558,6 +558,28 @@ impl Conn {
                 unit_id,
                 certificate,
                 device_ca,
+                session: Some(fingerprint),
+            } => {
+                // The device asked to stay: `registered`, then the session on this connection.
+                write_message(
+                    cx.staged,
+                    &DevMessage::Registered(dev::Registered {
+                        reason: Reason::Granted.as_str().into(),
+                        unit_id: unit_id.clone(),
+                        certificate,
+                        device_ca: device_ca.to_string(),
+                    }),
+                );
+                self.continue_as_session(fingerprint, unit_id.into(), cx);
+                self.send_plain(cx);
+                self.finish_output(cx);
+                return self.after;
+            }
+            RegisterOutcome::Granted {
+                unit_id,
+                certificate,
+                device_ca,
+                session: None,
             } => (
                 DevMessage::Registered(dev::Registered {
                     reason: Reason::Granted.as_str().into(),
@@ -583,6 +605,37 @@ impl Conn {
         self.begin_closing(cx.now_ms);
         self.finish_output(cx);
         self.after
+    }
+
+    /// Register mode → session mode on the same connection (`register` with `session: true`,
+    /// granted): the device limit decides as for a new session; stages `hello` or `refused`
+    /// (`limit_reached`, the credential is kept) + close.
+    fn continue_as_session(&mut self, fingerprint: [u8; 32], unit_id: Box<str>, cx: &mut Cx<'_>) {
+        let Phase::Open(open) = &mut self.phase else {
+            return;
+        };
+        if let Some(retry) = limit_refusal(cx.onboarding, cx.settings, &unit_id) {
+            cx.onboarding.session_refused(Reason::LimitReached);
+            write_message(
+                cx.staged,
+                &refused_message(Reason::LimitReached, Some(retry), false),
+            );
+            let _ = ws::encode_close(
+                cx.staged,
+                Some((close_code_for(Some(retry)), "refused")),
+                None,
+            );
+            self.begin_closing(cx.now_ms);
+            return;
+        }
+        open.role = Role::Device;
+        open.env = Vec::new();
+        write_message(cx.staged, &session_hello(&unit_id));
+        self.session = Some(Box::new(DeviceSession {
+            fingerprint,
+            unit_id,
+        }));
+        self.request = Some(Request::SessionUp);
     }
 
     /// Closes the device session if it holds the kicked credential.
@@ -1122,13 +1175,9 @@ impl Handler<'_> {
                 },
                 None,
             ))
-        } else if !self.onboarding.try_open_session() {
-            tracing::warn!("Max connections limit has exceeded. Device [{unit_id}] is rejected");
-            let base = self.settings.limit_retry_after_ms.max(2);
-            let jitter = getrandom::u64().unwrap_or(0) % base;
-            Some((Reason::LimitReached, Some(base / 2 + jitter)))
         } else {
-            None
+            limit_refusal(self.onboarding, self.settings, &unit_id)
+                .map(|retry| (Reason::LimitReached, Some(retry)))
         };
         if let Some((reason, retry)) = refusal {
             self.onboarding.session_refused(reason);
@@ -1142,16 +1191,7 @@ impl Handler<'_> {
             }
             return Role::Done;
         }
-        write_message(
-            staged,
-            &DevMessage::Hello(dev::Hello {
-                protocol: dev::PROTOCOL_VERSION,
-                mode: dev::Mode::Session,
-                gateway: dev::gateway_name(),
-                unit_id: Some(unit_id.to_string()),
-                name: None,
-            }),
-        );
+        write_message(staged, &session_hello(&unit_id));
         *self.session = Some(Box::new(DeviceSession {
             fingerprint,
             unit_id,
@@ -1339,6 +1379,29 @@ fn register_piece(
 }
 
 /// Stages one device-protocol message as a text frame.
+/// Takes a session place under the device limit; `Some(retry_after_ms)` (and the WARN line)
+/// when the limit is reached.
+fn limit_refusal(onboarding: &Onboarding, settings: &Settings, unit_id: &str) -> Option<u64> {
+    if onboarding.try_open_session() {
+        return None;
+    }
+    tracing::warn!("Max connections limit has exceeded. Device [{unit_id}] is rejected");
+    let base = settings.limit_retry_after_ms.max(2);
+    let jitter = getrandom::u64().unwrap_or(0) % base;
+    Some(base / 2 + jitter)
+}
+
+/// The session-mode `hello` (§5.4).
+fn session_hello(unit_id: &str) -> DevMessage {
+    DevMessage::Hello(dev::Hello {
+        protocol: dev::PROTOCOL_VERSION,
+        mode: dev::Mode::Session,
+        gateway: dev::gateway_name(),
+        unit_id: Some(unit_id.to_string()),
+        name: None,
+    })
+}
+
 fn write_message(staged: &mut Vec<u8>, m: &DevMessage) {
     let _ = ws::encode_frame(staged, true, OpCode::Text, None, m.to_json().as_bytes());
 }

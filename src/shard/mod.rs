@@ -703,6 +703,8 @@ impl<D: Driver> Shard<D> {
                         self.with_cx(now, slot, |c, cx| {
                             c.on_registered(outcome, cx);
                         });
+                        // A registration that continues as a session is indexed now.
+                        self.take_request(slot);
                         self.act(slot);
                     }
                 }

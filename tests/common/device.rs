@@ -46,6 +46,10 @@ impl Outcome {
 
 pub type Ws = tungstenite::WebSocket<TlsStream>;
 
+/// A registration that did not continue as a session: the answer (`registered` or
+/// `refused`), the message after it if any, and the close code.
+pub type NotStayed = (Value, Option<Value>, Option<u16>);
+
 impl Device {
     pub fn new(unit: &str) -> Device {
         Device {
@@ -136,6 +140,41 @@ impl Device {
             },
             _ => panic!("unexpected answer {answer}"),
         }
+    }
+
+    /// Registers with `key` asking to continue in session mode (`"session": true`, §5.3).
+    /// `Ok((ws, registered, hello))` when the connection went on as a session;
+    /// `Err((registered or refused, the message after it, close code))` otherwise. Stores
+    /// the certificate when granted.
+    #[allow(dead_code)]
+    pub fn register_and_stay(
+        &mut self,
+        addr: SocketAddr,
+        root_pem: &Path,
+        key: &str,
+    ) -> Result<(Ws, Value, Value), NotStayed> {
+        let (mut ws, hello) = self
+            .open(addr, root_pem, false)
+            .expect("register connection");
+        assert_eq!(hello["mode"], "register", "{hello}");
+        let msg = serde_json::json!({
+            "type": "register", "unit_id": self.unit, "key": key, "csr": self.csr_b64(),
+            "session": true
+        });
+        ws.send(Message::text(msg.to_string())).unwrap();
+        let answer = read_json(&mut ws).expect("an answer to register");
+        if answer["type"] == "registered" {
+            self.cert_pem = Some(answer["certificate"].as_str().unwrap().to_owned());
+            let next = read_json(&mut ws);
+            if let Some(h) = next.as_ref().filter(|h| h["type"] == "hello") {
+                let h = h.clone();
+                return Ok((ws, answer, h));
+            }
+            let close = read_close(&mut ws);
+            return Err((answer, next, close));
+        }
+        let close = read_close(&mut ws);
+        Err((answer, None, close))
     }
 
     /// Connects with the credential; `Ok(ws)` after a session `hello`, `Err(refused message)`.
