@@ -24,7 +24,6 @@ use crate::registry::limiter::FailureLimiter;
 use crate::registry::{
     DeviceCredential, Reason, RegistrationRefusal, RegistrationRequest, Registry, Touch, unix_now,
 };
-use crate::relay::Location;
 use crate::shard::Command;
 use serde_json::{Value, json};
 
@@ -233,11 +232,8 @@ impl Registrar {
                     source,
                     at,
                 } => {
-                    let loc = Location { shard, conn };
-                    self.broadcast_command(|| Command::DirPut {
-                        unit: unit_id.clone(),
-                        loc,
-                    });
+                    // The shards keep their directory replicas themselves (the session's
+                    // shard tells the others over the mesh, docs/architecture.md).
                     let address = source.map(|a| a.to_string());
                     self.event(&unit_id, json!({"event": "device_up", "address": address}));
                     let e = self.live.entry(fingerprint.0).or_insert_with(|| {
@@ -268,14 +264,8 @@ impl Registrar {
                 Job::SessionDown {
                     fingerprint,
                     unit_id,
-                    shard,
-                    conn,
+                    ..
                 } => {
-                    let loc = Location { shard, conn };
-                    self.broadcast_command(|| Command::DirDel {
-                        unit: unit_id.clone(),
-                        loc,
-                    });
                     self.event(&unit_id, json!({"event": "device_down"}));
                     if let Some(e) = self.live.get_mut(&fingerprint.0) {
                         e.1 = e.1.saturating_sub(1);
@@ -544,16 +534,18 @@ impl Registrar {
         }
     }
 
-    /// Sends a command to every shard (and wakes it).
-    fn broadcast_command(&self, make: impl Fn() -> Command) {
-        for s in &self.shards {
-            let _ = s.tx.send(make());
-            s.waker.wake();
-        }
-    }
-
-    /// Sends an event (§6.5) about `unit` to every management connection.
+    /// Sends an event (§6.5) about `unit` to every management connection: to the shards that
+    /// hold one (a reconnect storm with no management server connected costs no wake-ups).
     fn event(&self, unit: &str, body: Value) {
+        let holders = |i: usize| {
+            self.shard_stats
+                .as_deref()
+                .and_then(|s| s.get(i))
+                .is_none_or(|s| s.management.load(Relaxed) > 0)
+        };
+        if !(0..self.shards.len()).any(holders) {
+            return;
+        }
         let mut env = Vec::new();
         envelope::write(
             &mut env,
@@ -566,7 +558,12 @@ impl Registrar {
             body.to_string().as_bytes(),
         );
         let env: Arc<[u8]> = env.into();
-        self.broadcast_command(|| Command::Broadcast(env.clone()));
+        for (i, s) in self.shards.iter().enumerate() {
+            if holders(i) {
+                let _ = s.tx.send(Command::Broadcast(env.clone()));
+                s.waker.wake();
+            }
+        }
     }
 
     /// Sends a response envelope to a management connection.

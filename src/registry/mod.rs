@@ -157,8 +157,14 @@ impl Registry {
         let mut conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
         conn.busy_timeout(options.busy_timeout).map_err(open_err)?;
         set_wal(&conn, options.busy_timeout).map_err(open_err)?;
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
-            .map_err(open_err)?;
+        // cache_size: up to 32 MiB of pages (SQLite's default is 2 MiB). With 100,000 devices
+        // the file is ~50 MB, and a reconnect storm looks up and touches every credential:
+        // with the default cache most of those lookups re-read pages from the file
+        // (perf: pread and page parsing were ~40 % of the registrar's storm CPU).
+        conn.execute_batch(
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -32768;",
+        )
+        .map_err(open_err)?;
         match schema::migrate(&mut conn).map_err(open_err)? {
             schema::Migrated::TooNew(found) => {
                 return Err(RegistryError::SchemaTooNew {

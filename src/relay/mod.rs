@@ -20,7 +20,6 @@
 //!   inbox is backpressure: the sending shard keeps the message, stops reading from its source
 //!   and retries on its next loop turn.
 
-use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 
 use crate::driver::{ConnKey, Waker};
@@ -62,7 +61,8 @@ pub struct Location {
 /// A shard's replica of `unit → location` (keys are ASCII-lower-cased unit IDs).
 #[derive(Debug, Default)]
 pub struct Directory {
-    map: HashMap<Box<str>, Location>,
+    /// foldhash (randomly seeded, like std's SipHash, and cheaper on the storm path).
+    map: foldhash::HashMap<Box<str>, Location>,
 }
 
 impl Directory {

@@ -220,10 +220,14 @@ impl<D: Driver> Shard<D> {
 
     fn mesh_send(&mut self, shard: usize, msg: MeshMsg, source: Option<ConnKey>) {
         let Some(mesh) = self.mesh.clone() else {
-            // Before start-up completes there are no other shards to tell; the registrar's
-            // directory update still follows.
-            if let MeshMsg::Deliver { env, .. } | MeshMsg::Recycle(env) = msg {
-                self.pool.give(env);
+            // Start-up has not handed this shard the mesh yet: directory updates wait for it
+            // (after_batch sends them once it is there); nothing else can be routed yet.
+            match msg {
+                MeshMsg::Deliver { env, .. } | MeshMsg::Recycle(env) => self.pool.give(env),
+                dir @ (MeshMsg::DirPut { .. } | MeshMsg::DirDel { .. }) => {
+                    self.mesh_backlog.push_back((shard, dir))
+                }
+                MeshMsg::Broadcast(_) => {}
             }
             return;
         };
