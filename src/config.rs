@@ -277,6 +277,12 @@ pub struct RelayConfig {
     /// stream with `busy`. Default 8 MiB (32 streams at the 256 KiB default window): reached
     /// only by a sender that ignores the credit it was given.
     pub max_bulk_queue: usize,
+    /// The memory budget for relayed data, all shards together, in bytes: what the gateway
+    /// holds queued for sending (data and control, encrypted or not) and in flight between
+    /// shards. Above it, every connection that sends relay messages is paused (the gateway
+    /// stops reading from it) until the total is back under three quarters of the budget.
+    /// Default 1 GiB; 0 = no budget.
+    pub memory_budget: usize,
 }
 
 impl Default for RelayConfig {
@@ -284,6 +290,7 @@ impl Default for RelayConfig {
         Self {
             max_control_queue: 1 << 20,
             max_bulk_queue: 8 << 20,
+            memory_budget: 1 << 30,
         }
     }
 }
@@ -511,6 +518,12 @@ impl Config {
         }
         if self.relay.max_bulk_queue < 256 * 1024 {
             return bad("relay.max_bulk_queue", "must be at least 262144");
+        }
+        if self.relay.memory_budget != 0 && self.relay.memory_budget < 1 << 20 {
+            return bad(
+                "relay.memory_budget",
+                "must be 0 (no budget) or at least 1048576 (1 MiB)",
+            );
         }
         if self.registration.timeout_ms == 0 {
             return bad("registration.timeout_ms", "must be at least 1");

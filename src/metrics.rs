@@ -91,6 +91,11 @@ pub struct ShardStats {
     pub relay_out: AtomicU64,
     /// Relay data dropped (a stream over its window was reset).
     pub relay_dropped: AtomicU64,
+    /// Bytes of relayed data this shard holds queued for its connections, plus what it sent
+    /// to other shards that they have not taken yet (gauge; the memory budget's measure).
+    pub relay_buffered: AtomicU64,
+    /// Connections paused because the gateway was over its memory budget.
+    pub budget_pauses: AtomicU64,
     /// Errors by kind.
     pub errors: [AtomicU64; 11],
 }
@@ -129,7 +134,7 @@ pub fn total(shards: &[ShardStats], f: impl Fn(&ShardStats) -> &AtomicU64) -> u6
 /// Renders all shards' counters plus process-wide facts in the Prometheus text format.
 pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u64>) -> String {
     let mut o = String::with_capacity(4096);
-    let per_shard: [Field; 4] = [
+    let per_shard: [Field; 5] = [
         (
             "fleetgate_connections",
             "Open TCP connections per shard.",
@@ -149,6 +154,11 @@ pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u
             "fleetgate_echo_connected",
             "Open diagnostic echo WebSockets per shard.",
             |s| &s.echo,
+        ),
+        (
+            "fleetgate_relay_buffered_bytes",
+            "Relayed bytes held per shard: queued for its connections and in flight to other shards (relay.memory_budget counts their sum).",
+            |s| &s.relay_buffered,
         ),
     ];
     for (name, help, f) in per_shard {
@@ -223,6 +233,11 @@ pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u
             "fleetgate_relay_dropped_total",
             "Relay data dropped because a stream exceeded its window (stream reset).",
             |s| &s.relay_dropped,
+        ),
+        (
+            "fleetgate_memory_budget_pauses_total",
+            "Connections whose reading was paused because relayed data exceeded relay.memory_budget.",
+            |s| &s.budget_pauses,
         ),
     ] {
         let _ = writeln!(

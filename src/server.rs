@@ -243,6 +243,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     let relay_limits = RelayLimits {
         max_control_queue: config.relay.max_control_queue,
         max_bulk_queue: config.relay.max_bulk_queue,
+        memory_budget: config.relay.memory_budget,
+        max_held_buffers: config.limits.recv_buffers_per_shard / 2,
     };
     let client_cas = crate::shard::conn::ClientCas {
         device: subject_of(device_ca.cert_der()),

@@ -543,3 +543,102 @@ fn rollover_offer_hands_the_staged_root_to_connected_devices_and_counts() {
     assert_eq!(r["lacking_feature"], 1, "{r}");
     assert_eq!(r["lacking_root"], 1, "{r}");
 }
+
+/// The sum over shards of a per-shard gauge from `/metrics`.
+fn metric_sum(gw: &Gateway, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = gw.tls();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let values: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(!values.is_empty(), "metric {name} missing");
+    values.iter().sum()
+}
+
+#[test]
+fn the_memory_budget_stops_reading_instead_of_buffering_and_loses_nothing() {
+    // 1 MiB budget; the per-connection data cap raised out of the way, so that without the
+    // budget the gateway would queue most of the 24 MiB for a device that does not read
+    // (measured: 24.8 MB held with `memory_budget = 0`).
+    // 64 receive buffers per shard: a budget-paused connection keeps at most half of them
+    // unprocessed, and the rest (what the kernel had already received) is processed over
+    // the budget, so the bound is the budget + 32 receive buffers per shard.
+    const BUDGET: u64 = 1 << 20;
+    const OVER: u64 = 2 * 32 * 16_896 + 64 * 1024;
+    let cfg = format!(
+        "[relay]\nmemory_budget = {BUDGET}\nmax_bulk_queue = 67108864\n\
+         [limits]\nrecv_buffers_per_shard = 64\n"
+    );
+    for driver in DRIVERS {
+        let gw = Gateway::start(driver, Some(&cfg), &["--shards", "2"]);
+        let key = mass_key(&gw);
+        let cert = MgmtCert::issue(&gw.data_dir(), "ops");
+        let (mut m, _) = mgmt::connect(&gw, cert.config(&gw.root_pem())).unwrap();
+        let (_d, mut dev) = device(&gw, &key, "BUDGET-1");
+        let piece: Vec<u8> = (0..16 * 1024u32).map(|i| (i % 253) as u8).collect();
+        let pieces = 1536usize; // 24 MiB
+        let sender = {
+            let piece = piece.clone();
+            std::thread::spawn(move || {
+                for _ in 0..pieces {
+                    mgmt::send(
+                        &mut m,
+                        &Env {
+                            kind: mgmt::DATA,
+                            channel: 9,
+                            route: 0,
+                            unit: "BUDGET-1".into(),
+                            body: piece.clone(),
+                        },
+                    );
+                }
+                mgmt::send(
+                    &mut m,
+                    &Env {
+                        kind: mgmt::CLOSE,
+                        channel: 9,
+                        route: 0,
+                        unit: "BUDGET-1".into(),
+                        body: br#"{"ok":true}"#.to_vec(),
+                    },
+                );
+                m
+            })
+        };
+        // The device does not read for 2 s: what the gateway holds stays near the budget.
+        let mut peak = 0;
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            peak = peak.max(metric_sum(&gw, "fleetgate_relay_buffered_bytes"));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let pauses = metric_sum(&gw, "fleetgate_memory_budget_pauses_total");
+        assert!(pauses >= 1, "{driver}: never paused (peak {peak} B)");
+        assert!(
+            peak <= BUDGET + OVER,
+            "{driver}: the gateway held {peak} B with a budget of {BUDGET} B"
+        );
+        // Now the device reads: every byte arrives, in order, then the close.
+        let mut got = 0usize;
+        loop {
+            let e = mgmt::recv(&mut dev, T).expect("envelope");
+            match e.kind {
+                mgmt::DATA => {
+                    assert_eq!(e.body, piece, "{driver}: data changed at byte {got}");
+                    got += e.body.len();
+                }
+                mgmt::CLOSE => break,
+                other => panic!("{driver}: unexpected kind {other}"),
+            }
+        }
+        assert_eq!(got, pieces * piece.len(), "{driver}: data lost");
+        let _m = sender.join().expect("the sender finished");
+        assert_eq!(metric_sum(&gw, "fleetgate_relay_dropped_total"), 0);
+    }
+}

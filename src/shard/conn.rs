@@ -236,6 +236,10 @@ pub struct Conn {
     pub paused: bool,
     /// Paused because another shard's mesh inbox was full (resumed by the shard).
     pub stalled: bool,
+    /// Paused because the gateway was over its memory budget (resumed by the shard).
+    pub budget_paused: bool,
+    /// The bytes of this connection counted in the shard's `relay_buffered` gauge.
+    pub accounted: usize,
     /// Counted in the shard's handshakes-in-progress (accept pacing) until it leaves the
     /// handshake for any reason (done, EOF, timeout, close).
     pub handshake_counted: bool,
@@ -279,6 +283,8 @@ impl Conn {
             in_flight: 0,
             paused: false,
             stalled: false,
+            budget_paused: false,
+            accounted: 0,
             handshake_counted: false,
             closing: false,
             after: After::Continue,
@@ -417,6 +423,12 @@ impl Conn {
     /// Bytes queued or in flight.
     pub fn queued(&self) -> usize {
         self.out.len() + self.in_flight
+    }
+
+    /// Everything held for sending: encrypted output (queued and in flight) and data frames
+    /// waiting in the bulk lane (what the memory budget counts).
+    pub fn held(&self) -> usize {
+        self.queued() + self.bulk_bytes
     }
 
     /// Ciphertext received.

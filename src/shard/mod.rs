@@ -12,6 +12,7 @@ pub mod timer;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -142,6 +143,10 @@ pub struct Shard<D: Driver> {
     client_cas: ClientCas,
     /// A spare list for the envelopes of one input (swapped with the connection's).
     relay_spare: Vec<Vec<u8>>,
+    /// Connections paused for the memory budget, resumed once under ¾ of it.
+    budget_stalled: Vec<ConnKey>,
+    /// Input events of budget-paused connections, in arrival order, replayed on resume.
+    budget_held: Vec<Event<D::Socket>>,
     /// Relay data frames (see [`Cx::frame_pool`]).
     frame_pool: VecPool,
 }
@@ -170,6 +175,12 @@ pub struct RelayLimits {
     pub max_control_queue: usize,
     /// Queued data bytes above which further data for the connection resets its stream.
     pub max_bulk_queue: usize,
+    /// Relayed bytes held by all shards together above which relay senders are paused
+    /// (`relay.memory_budget`; 0 = none).
+    pub memory_budget: usize,
+    /// Receive buffers that budget-paused connections may keep unprocessed (half the
+    /// shard's receive buffers, so the other connections can still read).
+    pub max_held_buffers: usize,
 }
 
 impl<D: Driver> std::fmt::Debug for Shard<D> {
@@ -236,6 +247,8 @@ impl<D: Driver> Shard<D> {
             relay_limits,
             client_cas,
             relay_spare: Vec::with_capacity(16),
+            budget_stalled: Vec::new(),
+            budget_held: Vec::new(),
             frame_pool: VecPool::new(128, 128 * 1024),
         }
     }
@@ -263,7 +276,11 @@ impl<D: Driver> Shard<D> {
                     break;
                 }
             }
-            let wait = self.wheel.next_wake_ms(now).unwrap_or(1000).max(1);
+            let mut wait = self.wheel.next_wake_ms(now).unwrap_or(1000).max(1);
+            if !self.budget_stalled.is_empty() {
+                // Other shards' queues drain without waking this one: look again soon.
+                wait = wait.min(5);
+            }
             if let Err(e) = self
                 .driver
                 .poll(&mut events, Some(Duration::from_millis(wait)))
@@ -292,6 +309,25 @@ impl<D: Driver> Shard<D> {
     }
 
     fn on_event(&mut self, ev: Event<D::Socket>) {
+        if let Event::Data { key, .. } | Event::Eof { key } | Event::RecvError { key, .. } = &ev {
+            // Received before the pause took effect (the same batch, or a receive already
+            // completed): kept as it is, in its receive buffer, until the budget allows.
+            if self.live(*key) && self.conns[key.slot as usize].budget_paused {
+                self.budget_held.push(ev);
+                if self.budget_held.len() <= self.relay_limits.max_held_buffers {
+                    return;
+                }
+                // Too many receive buffers held: the oldest input is processed after all
+                // (over the budget, by at most half the receive buffers).
+                let oldest = self.budget_held.remove(0);
+                self.process_event(oldest);
+                return;
+            }
+        }
+        self.process_event(ev);
+    }
+
+    fn process_event(&mut self, ev: Event<D::Socket>) {
         match ev {
             Event::Accepted { sock, peer } => self.on_accept(sock, peer),
             Event::AcceptError(e) => {
@@ -423,6 +459,11 @@ impl<D: Driver> Shard<D> {
                         }
                     }
                     let mut conn = conn;
+                    if conn.accounted > 0 {
+                        self.shared.stats[self.id]
+                            .relay_buffered
+                            .fetch_sub(conn.accounted as u64, Relaxed);
+                    }
                     conn.clear_bulk(&mut self.frame_pool);
                     ShardStats::dec(&self.stats().connections);
                     if let Some(b) = (conn.out.capacity() > 0).then_some(conn.out) {
@@ -627,6 +668,16 @@ impl<D: Driver> Shard<D> {
             }
         }
         let c = &mut self.conns[slot];
+        let held = c.held();
+        if held != c.accounted {
+            let gauge = &self.shared.stats[self.id].relay_buffered;
+            if held > c.accounted {
+                gauge.fetch_add((held - c.accounted) as u64, Relaxed);
+            } else {
+                gauge.fetch_sub((c.accounted - held) as u64, Relaxed);
+            }
+            c.accounted = held;
+        }
         if c.closing {
             return;
         }
@@ -652,7 +703,7 @@ impl<D: Driver> Shard<D> {
             c.paused = true;
             self.shared.stats[self.id].error(ErrorKind::Backpressure);
             self.driver.pause_recv(key);
-        } else if c.paused && !c.stalled && c.queued() <= max_q / 2 {
+        } else if c.paused && !c.stalled && !c.budget_paused && c.queued() <= max_q / 2 {
             c.paused = false;
             self.driver.resume_recv(key);
         }

@@ -7,6 +7,7 @@
 //! the unit; delivery to a management connection zeroes the route.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use super::Shard;
 use crate::control::Job;
@@ -108,6 +109,66 @@ impl<D: Driver> Shard<D> {
         }
         self.relay_spare = envs;
         self.act(slot);
+        if self.over_budget(1) {
+            self.budget_pause(key);
+        }
+    }
+
+    /// Relayed bytes held by all shards together exceed `num/4` × the memory budget.
+    fn over_budget(&self, quarters: usize) -> bool {
+        let budget = self.relay_limits.memory_budget;
+        if budget == 0 {
+            return false;
+        }
+        let held: u64 = self
+            .shared
+            .stats
+            .iter()
+            .map(|s| s.relay_buffered.load(Relaxed))
+            .sum();
+        held > (budget / 4 * quarters) as u64
+    }
+
+    /// Stops reading from a relay sender while the gateway is over its memory budget.
+    fn budget_pause(&mut self, key: ConnKey) {
+        if !self.live(key) {
+            return;
+        }
+        let c = &mut self.conns[key.slot as usize];
+        if c.budget_paused || c.closing {
+            return;
+        }
+        c.budget_paused = true;
+        if !c.paused {
+            c.paused = true;
+            self.driver.pause_recv(key);
+        }
+        self.budget_stalled.push(key);
+        ShardStats::inc(&self.stats().budget_pauses);
+    }
+
+    /// Resumes the budget-paused connections once under ¾ of the budget.
+    fn budget_resume(&mut self) {
+        if self.budget_stalled.is_empty() || self.over_budget(3) {
+            return;
+        }
+        let max_q = self.settings.max_queued_output;
+        for key in std::mem::take(&mut self.budget_stalled) {
+            if !self.live(key) {
+                continue;
+            }
+            let c = &mut self.conns[key.slot as usize];
+            c.budget_paused = false;
+            if c.paused && !c.stalled && c.queued() <= max_q / 2 {
+                c.paused = false;
+                self.driver.resume_recv(key);
+            }
+        }
+        // What they had received before the pause, in order (a connection paused again
+        // while this runs keeps the rest: on_event holds it again).
+        for ev in std::mem::take(&mut self.budget_held) {
+            self.on_event(ev);
+        }
     }
 
     /// An envelope from a management connection.
@@ -231,6 +292,10 @@ impl<D: Driver> Shard<D> {
             }
             return;
         };
+        if let MeshMsg::Deliver { env, .. } = &msg {
+            // Held by this shard's gauge until the other shard takes it (on_mesh).
+            ShardStats::add(&self.stats().relay_buffered, env.len() as u64);
+        }
         let result = if self.mesh_backlog.is_empty() {
             mesh.try_send(shard, msg)
         } else {
@@ -268,6 +333,7 @@ impl<D: Driver> Shard<D> {
     /// Called once per loop turn: retries the mesh backlog, resumes stalled connections once
     /// it is empty, and wakes every shard that got messages (one wake-up per shard per turn).
     pub(super) fn after_batch(&mut self) {
+        self.budget_resume();
         if let Some(mesh) = self.mesh.clone() {
             while let Some((shard, msg)) = self.mesh_backlog.pop_front() {
                 match mesh.try_send(shard, msg) {
@@ -285,8 +351,9 @@ impl<D: Driver> Shard<D> {
                         let c = &mut self.conns[key.slot as usize];
                         if c.stalled {
                             c.stalled = false;
-                            // Still paused if its own output is backed up (act() resumes it).
-                            if c.queued() <= max_q / 2 {
+                            // Still paused if its own output is backed up (act() resumes it)
+                            // or the gateway is over its memory budget.
+                            if c.queued() <= max_q / 2 && !c.budget_paused {
                                 c.paused = false;
                                 self.driver.resume_recv(key);
                             }
@@ -467,6 +534,9 @@ impl<D: Driver> Shard<D> {
                 from_shard,
                 ..
             } => {
+                if let Some(s) = self.shared.stats.get(from_shard) {
+                    s.relay_buffered.fetch_sub(env.len() as u64, Relaxed);
+                }
                 // The buffer joins our pool; one of ours goes home in exchange, so neither
                 // shard allocates in steady state.
                 self.deliver_local(to, to_management, env);
