@@ -148,6 +148,10 @@ pub struct UringDriver {
     conns: Vec<Option<Conn>>,
     starved: Vec<ConnKey>,
     deferred: Vec<Event<u32>>,
+    /// Completions of one poll, copied out of the ring (reused).
+    batch: Vec<(u64, i32, u32)>,
+    /// The other half of `starved` (swapped each poll).
+    starved_spare: Vec<ConnKey>,
     max_connections: usize,
     /// Peer-address lookups in flight (`SO_PEERNAME` via io_uring getsockopt, kernel ≥ 6.7),
     /// by fixed slot: the kernel writes into the box until the completion.
@@ -210,6 +214,8 @@ impl UringDriver {
             conns: Vec::new(),
             starved: Vec::new(),
             deferred: Vec::new(),
+            batch: Vec::with_capacity(256),
+            starved_spare: Vec::new(),
             max_connections: cfg.max_connections,
             peer_lookups: std::collections::HashMap::new(),
             peer_lookup_supported: true,
@@ -538,9 +544,13 @@ impl Driver for UringDriver {
 
     fn poll(&mut self, out: &mut Vec<Event<u32>>, timeout: Option<Duration>) -> io::Result<()> {
         out.append(&mut self.deferred);
-        for key in std::mem::take(&mut self.starved) {
+        // Swapped with a spare list, so neither is re-allocated per poll.
+        let mut starved = std::mem::take(&mut self.starved_spare);
+        std::mem::swap(&mut starved, &mut self.starved);
+        for key in starved.drain(..) {
             self.arm_recv(key);
         }
+        self.starved_spare = starved;
         self.arm_accept();
         self.arm_wake();
         self.bufring.publish();
@@ -564,20 +574,25 @@ impl Driver for UringDriver {
                 ) => {}
             Err(e) => return Err(e),
         }
+        // The completions are copied out first (completing may push new submissions); the
+        // batch Vec is kept between polls, so polling allocates nothing.
+        let mut batch = std::mem::take(&mut self.batch);
         loop {
-            let batch: Vec<(u64, i32, u32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags()))
-                .take(4096)
-                .collect();
+            batch.clear();
+            batch.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags()))
+                    .take(4096),
+            );
             if batch.is_empty() {
                 break;
             }
-            for (ud, res, flags) in batch {
+            for &(ud, res, flags) in &batch {
                 self.complete(ud, res, flags, out);
             }
         }
+        self.batch = batch;
         out.append(&mut self.deferred);
         Ok(())
     }
