@@ -72,7 +72,7 @@ impl EpollDriver {
             accepting: true,
             wake_fd,
             conns: Vec::new(),
-            bufs: vec![0u8; n * cfg.recv_buffer_size].into_boxed_slice(),
+            bufs: super::receive_buffers(n * cfg.recv_buffer_size),
             buf_size: cfg.recv_buffer_size,
             free: (0..n as u16).rev().collect(),
             pending_read: VecDeque::new(),

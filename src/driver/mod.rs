@@ -67,6 +67,22 @@ pub enum OpKind {
     PeerName = 8,
 }
 
+/// The receive buffers of a shard, with every page touched now.
+///
+/// They are a fixed cost (`recv_buffers_per_shard × recv_buffer_size`, 8.25 MiB per shard with
+/// the defaults) that `fleetgate sizing` counts from the start. Untouched, they would enter the
+/// resident set one page at a time as traffic reaches them, and that growth would look like
+/// buffering during the first heavy transfer after start-up. The value written is arbitrary:
+/// each buffer is overwritten by a receive before it is read.
+pub fn receive_buffers(len: usize) -> Box<[u8]> {
+    let mut bufs = vec![0u8; len].into_boxed_slice();
+    for b in bufs.iter_mut().step_by(4096) {
+        *b = 0xA5;
+    }
+    std::hint::black_box(&bufs);
+    bufs
+}
+
 /// `user_data` / mio token layout: `op:8 | generation:24 | slot:32`.
 pub fn encode_token(op: OpKind, key: ConnKey) -> u64 {
     ((op as u64) << 56)

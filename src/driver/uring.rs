@@ -71,7 +71,7 @@ impl BufRing {
         let mut r = Self {
             ring,
             ring_layout,
-            bufs: vec![0u8; usize::from(entries) * buf_size].into_boxed_slice(),
+            bufs: super::receive_buffers(usize::from(entries) * buf_size),
             buf_size,
             entries,
             tail: 0,
