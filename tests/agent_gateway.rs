@@ -30,19 +30,6 @@ fn one_time_key(gw: &Gateway) -> String {
     out.trim().to_owned()
 }
 
-fn metric(gw: &Gateway, name: &str) -> u64 {
-    use std::io::{Read, Write};
-    let mut s = gw.tls();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing"))
-}
-
 /// The root fingerprint as `fleetgate pki show` prints it (64 hex digits).
 fn root_fingerprint_hex(gw: &Gateway) -> String {
     use sha2::Digest as _;
@@ -149,10 +136,10 @@ fn agent_registers_survives_a_gateway_restart_resuming_and_is_removed() {
         matches!(e, AgentEvent::Ready { .. })
     });
     assert!(
-        metric(&gw, "fleetgate_tls_resumptions_total") >= 1,
+        gw.metric("fleetgate_tls_resumptions_total") >= 1,
         "the reconnect did not resume its TLS session"
     );
-    assert_eq!(metric(&gw, "fleetgate_device_sessions"), 1);
+    assert_eq!(gw.metric("fleetgate_device_sessions"), 1);
 
     // Removal: the agent is told, drops its settings and stops.
     let (ok, out, err) = fleetgate_cmd(&gw.data_dir(), &["devices", "remove", "AGENT-1"]);

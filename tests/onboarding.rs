@@ -28,20 +28,6 @@ fn keys(gw: &Gateway, args: &[&str]) -> Vec<String> {
     out.lines().map(str::to_owned).collect()
 }
 
-fn metric(gw: &Gateway, name: &str) -> u64 {
-    let mut s = gw.tls();
-    use std::io::{Read, Write};
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name} missing"))
-}
-
 #[test]
 fn one_time_key_works_once_then_the_credential_reconnects() {
     for driver in DRIVERS {
@@ -93,7 +79,7 @@ fn one_time_key_works_once_then_the_credential_reconnects() {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert_eq!(metric(&gw, "fleetgate_device_sessions"), 1);
+        assert_eq!(gw.metric("fleetgate_device_sessions"), 1);
         ws.close(None).unwrap();
         let _ = read_close(&mut ws);
     }
@@ -272,7 +258,7 @@ fn key_guessing_is_throttled_per_source() {
     );
     // Failures are counted and audited.
     assert_eq!(
-        metric(&gw, "fleetgate_registrations_total{reason=\"key_unknown\"}"),
+        gw.metric("fleetgate_registrations_total{reason=\"key_unknown\"}"),
         3
     );
     let (_, out, _) = fleetgate(&gw, &["keys", "list"]);
@@ -369,7 +355,7 @@ fn the_connection_limit_refuses_with_the_exact_log_line() {
             .to_owned();
         assert!(logged.contains("WARN"), "{logged}");
         assert_eq!(
-            metric(&gw, "fleetgate_device_connection_limit_rejections_total"),
+            gw.metric("fleetgate_device_connection_limit_rejections_total"),
             1
         );
         // Raised at run time: the device gets in.

@@ -544,23 +544,6 @@ fn rollover_offer_hands_the_staged_root_to_connected_devices_and_counts() {
     assert_eq!(r["lacking_root"], 1, "{r}");
 }
 
-/// The sum over shards of a per-shard gauge from `/metrics`.
-fn metric_sum(gw: &Gateway, name: &str) -> u64 {
-    use std::io::{Read, Write};
-    let mut s = gw.tls();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let values: Vec<u64> = text
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    assert!(!values.is_empty(), "metric {name} missing");
-    values.iter().sum()
-}
-
 #[test]
 fn the_memory_budget_stops_reading_instead_of_buffering_and_loses_nothing() {
     // 1 MiB budget; the per-connection data cap raised out of the way, so that without the
@@ -615,10 +598,10 @@ fn the_memory_budget_stops_reading_instead_of_buffering_and_loses_nothing() {
         let mut peak = 0;
         let until = Instant::now() + Duration::from_secs(2);
         while Instant::now() < until {
-            peak = peak.max(metric_sum(&gw, "fleetgate_relay_buffered_bytes"));
+            peak = peak.max(gw.metric("fleetgate_relay_buffered_bytes"));
             std::thread::sleep(Duration::from_millis(50));
         }
-        let pauses = metric_sum(&gw, "fleetgate_memory_budget_pauses_total");
+        let pauses = gw.metric("fleetgate_memory_budget_pauses_total");
         assert!(pauses >= 1, "{driver}: never paused (peak {peak} B)");
         assert!(
             peak <= BUDGET + OVER,
@@ -639,6 +622,6 @@ fn the_memory_budget_stops_reading_instead_of_buffering_and_loses_nothing() {
         }
         assert_eq!(got, pieces * piece.len(), "{driver}: data lost");
         let _m = sender.join().expect("the sender finished");
-        assert_eq!(metric_sum(&gw, "fleetgate_relay_dropped_total"), 0);
+        assert_eq!(gw.metric("fleetgate_relay_dropped_total"), 0);
     }
 }

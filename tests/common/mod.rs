@@ -159,6 +159,25 @@ impl Gateway {
     pub fn tls(&self) -> TlsStream {
         tls_connect(self.addr, self.client_config())
     }
+
+    /// A metric from `GET /metrics`: the sum of its samples over all label sets (the value
+    /// itself for an unlabelled one). Panics when the gateway does not report it.
+    #[allow(dead_code)]
+    pub fn metric(&self, name: &str) -> u64 {
+        use std::io::{Read, Write};
+        let mut s = self.tls();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let values: Vec<u64> = text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        assert!(!values.is_empty(), "metric {name} missing");
+        values.iter().sum()
+    }
 }
 
 impl Drop for Gateway {
