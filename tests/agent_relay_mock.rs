@@ -825,6 +825,43 @@ fn a_terminal_runs_echo_through_a_pty_and_reports_the_exit_code() {
     assert_eq!(close["exit_code"], 3, "{close}");
     link.send(Kind::Close, 3, br#"{"ok":true}"#);
 
+    // The window size: the one of the open, then what `terminal.resize` sets.
+    let open = json!({"kind": "terminal", "window": DEFAULT_WINDOW, "cols": 100, "rows": 30});
+    link.send(Kind::Open, 6, open.to_string().as_bytes());
+    assert_eq!(link.stream_msg(6, T).kind, Kind::Accept);
+    link.send(Kind::Data, 6, b"echo size=$(stty size)=\n");
+    let mut text = String::new();
+    let deadline = Instant::now() + T;
+    while !text.contains("size=30 100=") {
+        assert!(Instant::now() < deadline, "{text:?}");
+        let e = link.stream_msg(6, T);
+        if e.kind == Kind::Data {
+            text.push_str(&String::from_utf8_lossy(&e.body));
+            link.send(Kind::Credit, 6, &(e.body.len() as u32).to_be_bytes());
+        }
+    }
+    link.request(
+        90,
+        "terminal.resize",
+        json!({"channel": 6, "cols": 132, "rows": 43}),
+    );
+    assert_eq!(
+        link.response(90, T)["result"],
+        json!({"cols": 132, "rows": 43})
+    );
+    link.request(
+        91,
+        "terminal.resize",
+        json!({"channel": 77, "cols": 1, "rows": 1}),
+    );
+    assert_eq!(link.response(91, T)["error"]["code"], "bad_request");
+    link.send(Kind::Data, 6, b"echo size=$(stty size)=; exit 0\n");
+    let (out, close) = terminal_output(&mut link, 6, DEFAULT_WINDOW);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("size=43 132="), "{text:?}");
+    assert_eq!(close["exit_code"], 0, "{close}");
+    link.send(Kind::Close, 6, br#"{"ok":true}"#);
+
     // A reset kills the shell; so does the end of the session.
     let open = json!({"kind": "terminal", "window": DEFAULT_WINDOW});
     for channel in [4u32, 5] {

@@ -723,11 +723,14 @@ impl Drop for RawMode {
 /// Ctrl-]: ends a terminal session from this side.
 const ESCAPE: u8 = 0x1d;
 
+/// The local terminal's size (columns, rows), with a floor for odd values.
+fn term_size() -> (u16, u16) {
+    let (rows, cols) = ::console::Term::stdout().size();
+    (cols.max(20), rows.max(5))
+}
+
 fn terminal(c: &ManagementClient, unit: &str) -> anyhow::Result<ExitCode> {
-    let (cols, rows) = {
-        let (rows, cols) = ::console::Term::stdout().size();
-        (cols.max(20), rows.max(5))
-    };
+    let (cols, rows) = term_size();
     let stream = c
         .open_stream(
             unit,
@@ -736,6 +739,7 @@ fn terminal(c: &ManagementClient, unit: &str) -> anyhow::Result<ExitCode> {
             Duration::from_secs(30),
         )
         .with_context(|| format!("cannot open a terminal on {unit}"))?;
+    let channel = stream.id();
     let (mut reader, mut writer) = stream.split();
     eprintln!("terminal on {unit} ({cols}x{rows}); Ctrl-] ends the session\r");
     let raw = RawMode::enter();
@@ -765,18 +769,42 @@ fn terminal(c: &ManagementClient, unit: &str) -> anyhow::Result<ExitCode> {
             }
         }
     });
-    let mut stdout = std::io::stdout();
-    let mut buf = [0u8; 16 * 1024];
-    let outcome = loop {
-        match reader.read(&mut buf) {
-            Ok(0) => break Ok(reader.close_body().cloned().unwrap_or(Value::Null)),
-            Ok(n) => {
-                let _ = stdout.write_all(&buf[..n]);
-                let _ = stdout.flush();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let outcome = std::thread::scope(|s| {
+        // A window resized here is resized on the device (`terminal.resize`, a request on the
+        // control lane; an older agent answers unknown_method, which is ignored).
+        s.spawn(|| {
+            let mut size = (cols, rows);
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = term_size();
+                if now != size {
+                    size = now;
+                    let params = json!({"channel": channel, "cols": now.0, "rows": now.1});
+                    let _ = c.request(
+                        Some(unit),
+                        "terminal.resize",
+                        params,
+                        Duration::from_secs(5),
+                    );
+                }
             }
-            Err(e) => break Err(e),
-        }
-    };
+        });
+        let mut stdout = std::io::stdout();
+        let mut buf = [0u8; 16 * 1024];
+        let outcome = loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break Ok(reader.close_body().cloned().unwrap_or(Value::Null)),
+                Ok(n) => {
+                    let _ = stdout.write_all(&buf[..n]);
+                    let _ = stdout.flush();
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        outcome
+    });
     drop(raw);
     match outcome {
         Ok(close) => {

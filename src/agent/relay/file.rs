@@ -177,6 +177,7 @@ impl Job {
                     ctx.consumed(bytes.len());
                 }
                 Ok(Inbound::Close) => closed = true,
+                Ok(Inbound::Resize { .. }) => {}
                 // Reset by the peer or the session ended: Temp's drop deletes the file.
                 Err(()) => return,
             }

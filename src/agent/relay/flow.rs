@@ -144,6 +144,14 @@ pub(crate) enum Inbound {
     Data(Vec<u8>),
     /// The peer sent `close`: no more data from it.
     Close,
+    /// The management side's terminal changed size (`terminal.resize`); streams other than
+    /// terminals ignore it.
+    Resize {
+        /// Columns.
+        cols: u16,
+        /// Rows.
+        rows: u16,
+    },
 }
 
 /// The sending half of a stream: data within the peer's credit, `close`, `reset`. Cloned
@@ -326,6 +334,11 @@ impl StreamEntry {
             return Deliver::Overrun;
         }
         self.send(Inbound::Data(bytes.to_vec()))
+    }
+
+    /// Hands a new terminal size to the stream thread.
+    pub fn resize(&mut self, cols: u16, rows: u16) -> Deliver {
+        self.send(Inbound::Resize { cols, rows })
     }
 
     /// Hands the peer's `close` to the stream thread.

@@ -361,6 +361,7 @@ impl Relay {
                 Some(a) => a,
                 None => return,
             },
+            "terminal.resize" => self.resize(reply, &req.params),
             "root.offer" => match parse_root_offer(&req.params) {
                 Ok(root) => {
                     let _ = self.actions_tx.send(RelayAction::RootOffer { reply, root });
@@ -374,6 +375,40 @@ impl Relay {
             ),
         };
         self.respond(reply, &answer);
+    }
+
+    /// `terminal.resize {"channel", "cols", "rows"}`: the stream `channel` of the asking
+    /// management connection gets a new size (a terminal applies it; other kinds ignore it).
+    fn resize(&mut self, reply: Reply, params: &serde_json::Value) -> ResponseBody {
+        #[derive(serde::Deserialize)]
+        struct Resize {
+            channel: u32,
+            cols: u16,
+            rows: u16,
+        }
+        let p = match serde_json::from_value::<Resize>(params.clone()) {
+            Ok(p) if p.cols > 0 && p.rows > 0 => p,
+            Ok(_) => {
+                return ResponseBody::err(
+                    "bad_request",
+                    "terminal.resize: cols and rows must be > 0",
+                );
+            }
+            Err(e) => return ResponseBody::err("bad_request", format!("terminal.resize: {e}")),
+        };
+        match self.streams.get_mut(&(reply.route, p.channel)) {
+            Some(s) => {
+                let _ = s.resize(p.cols, p.rows);
+                ResponseBody::ok(json!({ "cols": p.cols, "rows": p.rows }))
+            }
+            None => ResponseBody::err(
+                "bad_request",
+                format!(
+                    "terminal.resize: no stream {} of this connection",
+                    p.channel
+                ),
+            ),
+        }
     }
 
     /// Starts an `exec` on a worker; `Some` = the answer now (refused).

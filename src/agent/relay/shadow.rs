@@ -83,6 +83,7 @@ pub(crate) fn start(
                     Inbound::Close => {
                         let _ = writer.shutdown(Shutdown::Write);
                     }
+                    Inbound::Resize { .. } => {}
                 }
             }
         })

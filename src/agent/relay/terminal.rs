@@ -101,6 +101,19 @@ pub(crate) fn spawn_shell(shell: &Path, cols: u16, rows: u16) -> Result<Shell, S
     })
 }
 
+/// Sets the PTY's window size; the kernel sends SIGWINCH to the shell's foreground job.
+fn set_size(master: &File, cols: u16, rows: u16) {
+    let size = rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    if let Err(e) = rustix::termios::tcsetwinsize(master, size) {
+        tracing::debug!(error = %e, "terminal resize failed");
+    }
+}
+
 fn cstring(s: OsString) -> Result<CString, String> {
     CString::new(s.into_vec()).map_err(|_| "a NUL byte in a path or variable".to_owned())
 }
@@ -195,6 +208,7 @@ pub(crate) fn start(
                     }
                     // No more input: the shell keeps running until it exits by itself.
                     Inbound::Close => {}
+                    Inbound::Resize { cols, rows } => set_size(&writer, cols, rows),
                 }
             }
         });
