@@ -163,6 +163,8 @@ fn agent_command_prints_connection_ready_and_keeps_its_files_private() {
     let key = one_time_key(&gw);
     let state = tempfile::tempdir().unwrap();
     let dir = state.path().join("agent");
+    // Connections accepted (counted at accept, so each /metrics read counts itself).
+    let accepted_before = gw.metric("fleetgate_accepted_total");
     let out = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
         .args([
             "agent",
@@ -186,6 +188,13 @@ fn agent_command_prints_connection_ready_and_keeps_its_files_private() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stdout, "connection ready\n", "stderr: {stderr}");
+    // First contact (the fingerprint) and the registration, which the gateway continued as
+    // the session: two connections, not a third one with the new certificate.
+    assert_eq!(
+        gw.metric("fleetgate_accepted_total") - accepted_before,
+        2 + 1,
+        "stderr: {stderr}"
+    );
     use std::os::unix::fs::PermissionsExt as _;
     for f in ["device.key", "device.pem"] {
         let mode = std::fs::metadata(dir.join(f)).unwrap().permissions().mode();

@@ -125,7 +125,7 @@ pub struct RegisterRequest {
 }
 
 /// A successful registration.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Registered {
     /// The unit ID the credential is for (as the gateway wrote it).
     pub unit_id: String,
@@ -135,6 +135,11 @@ pub struct Registered {
     pub certificate: String,
     /// End of the credential's validity (Unix seconds).
     pub not_after: i64,
+    /// The registration connection, continued by the gateway as the device's session
+    /// (`docs/protocol.md` §5.3, "Continuing as the session"): ready to use, like one from
+    /// [`connect_session`]. `None` when the gateway closed it instead (an older gateway, or
+    /// the device limit): connect with the credential.
+    pub session: Option<Session>,
 }
 
 /// A PKCS#10 request for `key` with CN = `unit_id`, DER.
@@ -178,15 +183,14 @@ pub fn register(
             Trust::Pinned(fp) => Some(fp.hex()),
             Trust::System => None,
         },
-        // The agent stores the credential first and then connects with it (the session loop
-        // owns the TLS configuration that keeps the session tickets).
-        session: false,
+        // Continue on this connection as the session: one TLS handshake instead of two.
+        session: true,
     })
     .to_json();
     let config = state.tls_config(None)?;
     let attempts = options.register_attempts.max(1);
     let mut attempt = 0;
-    let answer = loop {
+    let (answer, continued) = loop {
         let result = register_once(&request.connector, config.clone(), &message, options);
         attempt += 1;
         let retry_after = match &result {
@@ -224,20 +228,33 @@ pub fn register(
         state.config.connectors.push(request.connector.clone());
     }
     state.save()?;
+    // Stored first: the session below authenticates the device by this credential from now on.
+    let session = match continued {
+        Some((ws, hello)) => Some(Session::new(ws, &request.connector, hello, options)?),
+        None => None,
+    };
     Ok(Registered {
         unit_id,
         connector: request.connector.clone(),
         certificate: answer.certificate,
         not_after,
+        session,
     })
 }
+
+/// One registration attempt: the answer, and the connection with its session `hello` when
+/// the gateway continued it as the session.
+type RegisterAnswer = (
+    crate::proto::device::Registered,
+    Option<(WebSocket<TlsStream>, Hello)>,
+);
 
 fn register_once(
     connector: &Connector,
     config: Arc<ClientConfig>,
     register: &str,
     options: &AgentOptions,
-) -> Result<crate::proto::device::Registered, AgentError> {
+) -> Result<RegisterAnswer, AgentError> {
     let mut ws = open(connector, config, options)?;
     let hello = read_hello(&mut ws, connector, options)?;
     if hello.mode != Mode::Register {
@@ -252,8 +269,24 @@ fn register_once(
     loop {
         match read_incoming(&mut ws, connector)? {
             Incoming::Message(Message::Registered(r)) => {
-                close_quietly(&mut ws);
-                return Ok(r);
+                // A session `hello` follows when the gateway continues the connection;
+                // anything else (a close, `refused` for the device limit) ends it here.
+                let continued = loop {
+                    match read_incoming(&mut ws, connector) {
+                        Ok(Incoming::Message(Message::Hello(h))) if h.mode == Mode::Session => {
+                            break Some((ws, h));
+                        }
+                        Ok(Incoming::Ignored | Incoming::Timeout) if Instant::now() < deadline => {}
+                        _ => {
+                            tracing::debug!(
+                                "the gateway did not continue the registration connection"
+                            );
+                            close_quietly(&mut ws);
+                            break None;
+                        }
+                    }
+                };
+                return Ok((r, continued));
             }
             Incoming::Message(Message::Refused(r)) => {
                 close_quietly(&mut ws);
@@ -338,22 +371,32 @@ pub fn connect_session_with(
                 .into(),
         });
     }
-    tls::set_timeouts(ws.get_ref().get_ref(), options.poll_interval)
-        .map_err(|e| io_error(connector, e))?;
-    let unit_id = hello.unit_id.clone().unwrap_or_default();
-    Ok(Session {
-        ws,
-        connector: connector.clone(),
-        hello,
-        unit_id,
-        poll_interval: options.poll_interval,
-        relay: None,
-        nonblocking: false,
-        blocked: false,
-    })
+    Session::new(ws, connector, hello, options)
 }
 
 impl Session {
+    /// A session on `ws`, which has just received the session `hello`.
+    fn new(
+        ws: WebSocket<TlsStream>,
+        connector: &Connector,
+        hello: Hello,
+        options: &AgentOptions,
+    ) -> Result<Session, AgentError> {
+        tls::set_timeouts(ws.get_ref().get_ref(), options.poll_interval)
+            .map_err(|e| io_error(connector, e))?;
+        let unit_id = hello.unit_id.clone().unwrap_or_default();
+        Ok(Session {
+            ws,
+            connector: connector.clone(),
+            hello,
+            unit_id,
+            poll_interval: options.poll_interval,
+            relay: None,
+            nonblocking: false,
+            blocked: false,
+        })
+    }
+
     /// The gateway this session is with.
     pub fn connector(&self) -> &Connector {
         &self.connector

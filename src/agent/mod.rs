@@ -13,9 +13,12 @@
 //!    [`FingerprintChallenge`] (or compare a full fingerprint with [`prompt::matches_full`]);
 //!    when confirmed, [`AgentState::adopt`] pins it. A chain that validates against the system
 //!    roots ([`FirstContact::system_trusted`]) needs no fingerprint step.
-//! 3. [`register`] with the unit ID and the key: stores `device.key`/`device.pem` (0600).
-//! 4. [`run()`] until stopped: connects with the credential, reports [`AgentEvent::Ready`] on
-//!    each session `hello`, reconnects with backoff, falls back through the connectors.
+//! 3. [`register`] with the unit ID and the key: stores `device.key`/`device.pem` (0600), and
+//!    returns the registration connection as the first session when the gateway continued it
+//!    (`docs/protocol.md` §5.3).
+//! 4. [`run_from`] (or [`run()`]) until stopped: starts with that session or connects with the
+//!    credential, reports [`AgentEvent::Ready`] on each session `hello`, reconnects with
+//!    backoff, falls back through the connectors.
 //!
 //! ```no_run
 //! use fleetgate::agent::*;
@@ -25,6 +28,7 @@
 //! let gateway = Connector::parse("gw.example.com")?; // wss://gw.example.com:8443/usg/endpoint
 //! let options = AgentOptions::default();
 //! let stop = StopHandle::new();
+//! let mut first = None;
 //! if !state.has_credential() {
 //!     let contact = fetch_fingerprint(&gateway, &options)?;
 //!     // … let the user confirm contact.fingerprint (FingerprintChallenge) …
@@ -35,13 +39,14 @@
 //!         unit_id: "kiosk-17".into(),
 //!         key: "ABCD-EFGH-JKLM-NPQR".into(),
 //!     };
-//!     register(&mut state, &request, &options, &stop)?;
+//!     // The gateway usually continues the registration connection as the session.
+//!     first = register(&mut state, &request, &options, &stop)?.session;
 //! }
-//! let outcome = run(&mut state, &options, &stop, &mut |event| {
+//! let outcome = run_from(&mut state, &options, &stop, &mut |event| {
 //!     if let AgentEvent::Ready { .. } = event {
 //!         println!("connection ready");
 //!     }
-//! })?;
+//! }, first)?;
 //! # let _ = outcome;
 //! # Ok(())
 //! # }
@@ -69,7 +74,7 @@ pub use client::{
     fetch_fingerprint, make_csr, register,
 };
 pub use prompt::FingerprintChallenge;
-pub use run::{RunOutcome, run};
+pub use run::{RunOutcome, run, run_from};
 pub use state::{AgentConfig, AgentState, Connector, Credential, Trust};
 
 /// Timing of the agent.

@@ -58,6 +58,21 @@ pub fn run(
     stop: &StopHandle,
     on_event: &mut dyn FnMut(AgentEvent),
 ) -> Result<RunOutcome, AgentError> {
+    run_from(state, options, stop, on_event, None)
+}
+
+/// [`run`], starting with a session that is already open: the one [`register`] got when the
+/// gateway continued the registration connection ([`Registered::session`]).
+///
+/// [`register`]: crate::agent::register
+/// [`Registered::session`]: crate::agent::Registered::session
+pub fn run_from(
+    state: &mut AgentState,
+    options: &AgentOptions,
+    stop: &StopHandle,
+    on_event: &mut dyn FnMut(AgentEvent),
+    mut first: Option<Session>,
+) -> Result<RunOutcome, AgentError> {
     let mut attempt: u32 = 0;
     // The TLS configuration is kept while the credential and trust stay the same: it holds the
     // session tickets, so reconnects (a gateway restart included: the gateway keeps its ticket
@@ -91,10 +106,16 @@ pub fn run(
             }
         };
 
-        // One round: every connector in order.
+        // One round: every connector in order (unless a session is already open).
         let mut retry_after: Option<Duration> = None;
-        let mut found: Option<(usize, Session)> = None;
+        let mut found: Option<(usize, Session)> = first.take().map(|s| {
+            let index = connectors.iter().position(|c| c == s.connector());
+            (index.unwrap_or(0), s)
+        });
         for (index, connector) in connectors.iter().enumerate() {
+            if found.is_some() {
+                break;
+            }
             if stop.is_stopped() {
                 return Ok(RunOutcome::Stopped);
             }

@@ -213,7 +213,8 @@ fn execute(
         return Ok(());
     }
     let options = args.options();
-    if state.has_credential() {
+    // A registration that the gateway continued as the session is the first session.
+    let first = if state.has_credential() {
         if !args.gateways.is_empty() || args.email.is_some() || args.key.is_some() {
             writeln!(
                 err,
@@ -221,15 +222,23 @@ fn execute(
                  (--gateway, --email and --key are ignored)"
             )?;
         }
+        None
     } else {
-        register_interactively(args, &mut state, &options, input, err, stop)?;
+        let session = register_interactively(args, &mut state, &options, input, err, stop)?;
         if stop.is_stopped() {
             return Ok(());
         }
-    }
-    let outcome = crate::agent::run(&mut state, &options, stop, &mut |event| {
-        report(&event, out, err);
-    })?;
+        session
+    };
+    let outcome = crate::agent::run_from(
+        &mut state,
+        &options,
+        stop,
+        &mut |event| {
+            report(&event, out, err);
+        },
+        first,
+    )?;
     match outcome {
         RunOutcome::Stopped => writeln!(err, "stopped")?,
         RunOutcome::Ready => {}
@@ -346,7 +355,7 @@ fn register_interactively(
     input: &mut dyn BufRead,
     err: &mut dyn Write,
     stop: &StopHandle,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<crate::agent::Session>> {
     let connectors = connectors(args, state)?;
     let unit_id = match args.unit_id.as_deref().or(state.config.unit_id.as_deref()) {
         Some(u) if !u.trim().is_empty() => u.trim().to_owned(),
@@ -403,9 +412,9 @@ fn register_interactively(
                     r.connector,
                     crate::pki::cert::format_time(r.not_after)
                 )?;
-                return Ok(());
+                return Ok(r.session);
             }
-            Err(AgentError::Stopped) => return Ok(()),
+            Err(AgentError::Stopped) => return Ok(None),
             Err(AgentError::Refused(r))
                 if interactive_key && r.reason == "key_unknown" && attempt < 3 =>
             {

@@ -135,7 +135,11 @@ pub fn prove(
             unit_id: unit_id.to_owned(),
             key: key.clone(),
         };
-        register(&mut scratch, &request, options, &StopHandle::new()).map_err(reason)?;
+        let registered =
+            register(&mut scratch, &request, options, &StopHandle::new()).map_err(reason)?;
+        if let Some(s) = registered.session {
+            s.close();
+        }
         connect_session(&scratch, connector, options)
             .map_err(reason)?
             .close();
