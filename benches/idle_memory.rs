@@ -142,7 +142,8 @@ fn main() {
             frame_pool: VecPool::new(16, 128 * 1024),
             onboarding: Onboarding::default(),
             revocations: Revocations::default(),
-            client_cas: ClientCas::default(),
+            // The device CA, so that the credential opens a session (not a refusal).
+            client_cas: ClientCas::new(device_ca.cert_der(), None),
         };
         CountingAlloc::reset();
         let mut conns = Vec::with_capacity(n);

@@ -246,10 +246,8 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         memory_budget: config.relay.memory_budget,
         max_held_buffers: config.limits.recv_buffers_per_shard / 2,
     };
-    let client_cas = crate::shard::conn::ClientCas {
-        device: subject_of(device_ca.cert_der()),
-        management: subject_of(mgmt_ca.cert_der()),
-    };
+    let client_cas =
+        crate::shard::conn::ClientCas::new(device_ca.cert_der(), Some(mgmt_ca.cert_der()));
     let mut mesh_senders = Vec::with_capacity(n);
     let settings = Settings::from_config(&config);
     let max_conns = match chosen {
@@ -446,13 +444,6 @@ fn run_shard<D: Driver>(
         id, driver, max_conns, settings, tls_config, shared, rx, init,
     )
     .run();
-}
-
-/// The subject name (DER) of a CA certificate: what its certificates carry as issuer.
-fn subject_of(cert: &rustls_pki_types::CertificateDer<'_>) -> Vec<u8> {
-    x509_parser::parse_x509_certificate(cert.as_ref())
-        .map(|(_, c)| c.subject().as_raw().to_vec())
-        .unwrap_or_default()
 }
 
 /// One `SO_REUSEPORT` listener per shard on the same address (the first bind fixes the port

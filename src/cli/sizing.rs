@@ -56,15 +56,15 @@ pub struct Figures {
 pub const FIGURES: Figures = Figures {
     heap_per_idle_device: Figure {
         what: "heap + slab slot per idle registered device",
-        value: 3134.0,
+        value: 3255.0,
         unit: "bytes",
-        source: "`cargo bench --bench idle_memory`, TLS 1.3 with the device certificate (mutual TLS session): 1,678 B heap + 1,456 B slot; an anonymous WebSocket: 2,539 B (docs/benchmarks.md, \"In-process: the connection's own state\")",
+        source: "`cargo bench --bench idle_memory`, TLS 1.3 with the device certificate (mutual TLS session): 1,679 B heap + 1,576 B slot; an anonymous WebSocket: 2,539 B (docs/benchmarks.md, \"In-process: the connection's own state\")",
     },
     rss_per_idle_device: Figure {
         what: "process RSS growth per idle device",
-        value: 4931.0,
+        value: 5052.0,
         unit: "bytes",
-        source: "`loadtest idle`, the highest of three runs (anonymous devices): 4,286 B (io_uring, 2 shards; 4,121 B at 100k, 4,196 B epoll), plus what a registered session adds in `idle_memory` (3,134 − 2,539 = 595 B) and ≈ 50 B for the shard's fingerprint index (docs/benchmarks.md, \"Whole process: RSS growth per idle device\" and \"In-process\"); to be replaced by a `loadtest idle` run with registered devices",
+        source: "`loadtest idle`, the highest of three runs (anonymous devices): 4,286 B (io_uring, 2 shards; 4,121 B at 100k, 4,196 B epoll), plus what a registered session adds in `idle_memory` (3,255 − 2,539 = 716 B) and ≈ 50 B for the shard's fingerprint index; cross-check: 100,000 registered devices connected by `loadtest register` grew a 6-shard gateway from 22 to 551 MB, 5.3 KB each with its receive buffers (docs/benchmarks.md, \"Whole process: RSS growth per idle device\", \"In-process\" and \"100,000 devices\")",
     },
     kernel_per_idle_socket: Figure {
         what: "kernel memory per idle TCP connection",
@@ -74,9 +74,9 @@ pub const FIGURES: Figures = Figures {
     },
     process_base: Figure {
         what: "RSS of a started gateway without connections",
-        value: 8.0 * KIB * KIB,
+        value: 40.0 * KIB * KIB,
         unit: "bytes",
-        source: "fleetgate_resident_memory_bytes right after start: 7.6 MiB (release build, 2 shards, io_uring, receive buffers untouched) (docs/operations.md, \"Sizing\")",
+        source: "fleetgate_resident_memory_bytes right after start without the receive buffers: 7.6 MiB (release build, 2 shards, io_uring) (docs/operations.md, \"Sizing\"), plus the registry's SQLite page cache, which grows to 32 MiB with a large fleet",
     },
     transfer_window: Figure {
         what: "credit window per running transfer",
@@ -86,15 +86,15 @@ pub const FIGURES: Figures = Figures {
     },
     cpu_full_handshake: Figure {
         what: "CPU per full TLS 1.3 handshake + upgrade",
-        value: 250.0,
+        value: 400.0,
         unit: "µs",
-        source: "connect ramp: gateway 0.58 cores at 2,546 connections/s = 228 µs, TCP accept included; rounded up (docs/benchmarks.md, \"Connect ramp\")",
+        source: "100,000-device reconnect storm with full mutual-TLS handshakes: 40.1 s of gateway CPU = 401 µs each, TCP accept, client-certificate check and session admission included (anonymous connect ramp: 228 µs) (docs/benchmarks.md, \"100,000 devices\")",
     },
     cpu_resumed_handshake: Figure {
         what: "CPU per resumed TLS handshake + upgrade",
-        value: 100.0,
+        value: 270.0,
         unit: "µs",
-        source: "the full figure × 0.36, the resumed/full ratio under `openssl s_time` (TLS 1.2: 137 vs 378 µs) (docs/operations.md, \"Sizing\")",
+        source: "100,000-device reconnect storms with session resumption: 24.3–27.6 s of gateway CPU = 243–276 µs each, session admission and the registrar's bookkeeping included (docs/benchmarks.md, \"100,000 devices\")",
     },
     cpu_keepalive: Figure {
         what: "CPU per keep-alive ping + pong",
@@ -423,7 +423,7 @@ mod tests {
         let b = budget(100_000, 1, 10, 256 << 10, 2, &cfg);
         assert_eq!(b.connections, 100_001);
         assert_eq!(b.recv_buffers, 2.0 * 512.0 * 16896.0);
-        assert_eq!(b.devices, 100_000.0 * 4931.0);
+        assert_eq!(b.devices, 100_000.0 * 5052.0);
         assert_eq!(b.transfers, 10.0 * 256.0 * 1024.0);
         assert_eq!(b.per_shard, 60_001);
         assert_eq!(b.nofile_epoll, 100_001 + SPARE_FDS);

@@ -148,6 +148,23 @@ pub struct ClientCas {
     pub management: Vec<u8>,
 }
 
+impl ClientCas {
+    /// The issuers of device and management certificates, from the two CA certificates.
+    pub fn new(device_ca: &CertificateDer<'_>, management_ca: Option<&CertificateDer<'_>>) -> Self {
+        Self {
+            device: subject_of(device_ca),
+            management: management_ca.map(subject_of).unwrap_or_default(),
+        }
+    }
+}
+
+/// The subject name (DER) of a CA certificate: what its certificates carry as issuer.
+fn subject_of(cert: &CertificateDer<'_>) -> Vec<u8> {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .map(|(_, c)| c.subject().as_raw().to_vec())
+        .unwrap_or_default()
+}
+
 /// An authenticated device session (kept on the connection until it closes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSession {
