@@ -12,112 +12,17 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use fleetgate::agent::{
     AgentError, AgentEvent, AgentOptions, AgentState, Connector, RegisterRequest, RunOutcome,
     StopHandle, Trust, connect_session, fetch_fingerprint, register, run,
 };
 use fleetgate::pki::Fingerprint;
 use fleetgate::proto::device::{Hello, Message, Mode, Refused, Registered};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CertifiedIssuer, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig, ServerConnection, StreamOwned};
-use x509_parser::prelude::FromDer as _;
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
-/// A gateway's PKI: root → server certificate (localhost, 127.0.0.1), and a device CA.
-struct Pki {
-    root: CertifiedIssuer<'static, KeyPair>,
-    leaf: CertificateDer<'static>,
-    leaf_key: Vec<u8>,
-    device_ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-fn ca_params(cn: &str) -> CertificateParams {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p
-}
-
-impl Pki {
-    fn new() -> Arc<Pki> {
-        let root =
-            CertifiedIssuer::self_signed(ca_params("mock root"), KeyPair::generate().unwrap())
-                .unwrap();
-        let leaf_key = KeyPair::generate().unwrap();
-        let mut lp = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-        lp.distinguished_name
-            .push(DnType::CommonName, "mock gateway");
-        let leaf = lp.signed_by(&leaf_key, &root).unwrap();
-        let device_ca =
-            CertifiedIssuer::self_signed(ca_params("mock device CA"), KeyPair::generate().unwrap())
-                .unwrap();
-        Arc::new(Pki {
-            root,
-            leaf: leaf.der().clone(),
-            leaf_key: leaf_key.serialize_der(),
-            device_ca,
-        })
-    }
-
-    fn root_der(&self) -> CertificateDer<'static> {
-        let c: &rcgen::Certificate = self.root.as_ref();
-        c.der().clone()
-    }
-
-    fn fingerprint(&self) -> Fingerprint {
-        Fingerprint::of(&self.root_der())
-    }
-
-    fn server_config(&self) -> Arc<ServerConfig> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut roots = RootCertStore::empty();
-        let ca: &rcgen::Certificate = self.device_ca.as_ref();
-        roots.add(ca.der().clone()).unwrap();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .unwrap();
-        Arc::new(
-            ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_client_cert_verifier(verifier)
-                .with_single_cert(
-                    vec![self.leaf.clone(), self.root_der()],
-                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.leaf_key.clone())),
-                )
-                .unwrap(),
-        )
-    }
-
-    /// Issues a device certificate from a base64 CSR (after checking its signature).
-    fn issue(&self, unit: &str, csr_b64: &str) -> (String, Vec<u8>) {
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(csr_b64)
-            .unwrap();
-        let (_, csr) =
-            x509_parser::certification_request::X509CertificationRequest::from_der(&der).unwrap();
-        csr.verify_signature().unwrap();
-        let spki = csr.certification_request_info.subject_pki.raw.to_vec();
-        let mut params = CertificateSigningRequestParams::from_der(&der.into()).unwrap();
-        params.params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .params
-            .distinguished_name
-            .push(DnType::CommonName, unit);
-        params.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let cert = params.signed_by(&self.device_ca).unwrap();
-        (cert.pem(), spki)
-    }
-}
+#[path = "common/mock_pki.rs"]
+mod mock_pki;
+use mock_pki::Pki;
 
 /// What the mock does; tests change it while it runs.
 #[derive(Default)]

@@ -14,7 +14,6 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use fleetgate::agent::{
     AgentError, AgentEvent, AgentOptions, AgentState, Connector, RegisterRequest, RunOutcome,
     StopHandle, fetch_fingerprint, register, run,
@@ -22,103 +21,14 @@ use fleetgate::agent::{
 use fleetgate::pki::Fingerprint;
 use fleetgate::proto::device::{Message, Registered};
 use fleetgate::proto::envelope::{self, DEFAULT_WINDOW, Header, Kind};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CertifiedIssuer, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig, ServerConnection, StreamOwned};
+use rcgen::{CertificateParams, KeyPair};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
-// ---------------------------------------------------------------------------------------------
-// The mock gateway's PKI (as in tests/agent_mock.rs).
-
-struct Pki {
-    root: CertifiedIssuer<'static, KeyPair>,
-    leaf: CertificateDer<'static>,
-    leaf_key: Vec<u8>,
-    device_ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-fn ca_params(cn: &str) -> CertificateParams {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p
-}
-
-impl Pki {
-    fn new() -> Arc<Pki> {
-        let root =
-            CertifiedIssuer::self_signed(ca_params("mock root"), KeyPair::generate().unwrap())
-                .unwrap();
-        let leaf_key = KeyPair::generate().unwrap();
-        let mut lp = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-        lp.distinguished_name
-            .push(DnType::CommonName, "mock gateway");
-        let leaf = lp.signed_by(&leaf_key, &root).unwrap();
-        let device_ca =
-            CertifiedIssuer::self_signed(ca_params("mock device CA"), KeyPair::generate().unwrap())
-                .unwrap();
-        Arc::new(Pki {
-            root,
-            leaf: leaf.der().clone(),
-            leaf_key: leaf_key.serialize_der(),
-            device_ca,
-        })
-    }
-
-    fn root_der(&self) -> CertificateDer<'static> {
-        let c: &rcgen::Certificate = self.root.as_ref();
-        c.der().clone()
-    }
-
-    fn root_pem(&self) -> String {
-        let c: &rcgen::Certificate = self.root.as_ref();
-        c.pem()
-    }
-
-    fn server_config(&self) -> Arc<ServerConfig> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut roots = RootCertStore::empty();
-        let ca: &rcgen::Certificate = self.device_ca.as_ref();
-        roots.add(ca.der().clone()).unwrap();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .unwrap();
-        Arc::new(
-            ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_client_cert_verifier(verifier)
-                .with_single_cert(
-                    vec![self.leaf.clone(), self.root_der()],
-                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.leaf_key.clone())),
-                )
-                .unwrap(),
-        )
-    }
-
-    fn issue(&self, unit: &str, csr_b64: &str) -> String {
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(csr_b64)
-            .unwrap();
-        let mut params = CertificateSigningRequestParams::from_der(&der.into()).unwrap();
-        params.params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .params
-            .distinguished_name
-            .push(DnType::CommonName, unit);
-        params.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.signed_by(&self.device_ca).unwrap().pem()
-    }
-}
+#[path = "common/mock_pki.rs"]
+mod mock_pki;
+use mock_pki::Pki;
 
 // ---------------------------------------------------------------------------------------------
 // The mock gateway: registers devices, and hands every device session to the test as a Link.
@@ -355,7 +265,7 @@ fn serve(
         let Ok(Message::Register(reg)) = Message::from_json(text.as_bytes()) else {
             panic!("expected register, got {text}");
         };
-        let cert = pki.issue(&reg.unit_id, &reg.csr);
+        let (cert, _) = pki.issue(&reg.unit_id, &reg.csr);
         let ca: &rcgen::Certificate = pki.device_ca.as_ref();
         let answer = Message::Registered(Registered {
             reason: "granted".into(),

@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 
 use fleetgate::client::{ClientError, ClientOptions, EventKind, ManagementClient, ProxyConfig};
 use fleetgate::proto::envelope::{self, Header, Kind, ResponseBody, parse_credit};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
+use rcgen::{CertificateParams, DnType, KeyPair};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -37,6 +35,10 @@ const FILE_WINDOW: u32 = 64 * 1024;
 /// Bytes the mock "device" consumes per tick of file data (slow credit).
 const CONSUME_PER_TICK: u64 = 48 * 1024;
 
+#[path = "common/mock_pki.rs"]
+mod mock_pki;
+use mock_pki::Pki;
+
 struct Setup {
     _dir: tempfile::TempDir,
     cert: PathBuf,
@@ -46,34 +48,13 @@ struct Setup {
     dir: PathBuf,
 }
 
-fn ca_params(cn: &str) -> CertificateParams {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p
-}
-
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let root =
-        CertifiedIssuer::self_signed(ca_params("mock root"), KeyPair::generate().unwrap()).unwrap();
-    let root_der: CertificateDer<'static> = {
-        let c: &rcgen::Certificate = root.as_ref();
-        c.der().clone()
-    };
-    std::fs::write(data.join("root.pem"), {
-        let c: &rcgen::Certificate = root.as_ref();
-        c.pem()
-    })
-    .unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let mut lp = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    lp.distinguished_name
-        .push(DnType::CommonName, "mock gateway");
-    let leaf = lp.signed_by(&leaf_key, &root).unwrap();
+    // A mock gateway's root and server certificate (its device CA is not used here).
+    let pki = Pki::new();
+    std::fs::write(data.join("root.pem"), pki.root_pem()).unwrap();
     // The real `mgmt add`: management CA in the data dir, registry row, three files.
     let out = dir.path().join("mgmt");
     let added = fleetgate::cli::mgmt::add(&data, "ops", &out, 30, false).unwrap();
@@ -92,8 +73,8 @@ fn setup() -> Setup {
             .unwrap()
             .with_client_cert_verifier(verifier)
             .with_single_cert(
-                vec![leaf.der().clone(), root_der],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+                vec![pki.leaf.clone(), pki.root_der()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.leaf_key.clone())),
             )
             .unwrap(),
     );
