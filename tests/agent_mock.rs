@@ -22,7 +22,7 @@ use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
 #[path = "common/mock_pki.rs"]
 mod mock_pki;
-use mock_pki::Pki;
+use mock_pki::{Pki, accept_until_stopped};
 
 /// What the mock does; tests change it while it runs.
 #[derive(Default)]
@@ -54,30 +54,12 @@ impl Mock {
 
     fn start_with(pki: &Arc<Pki>, port: u16, script: Arc<Mutex<Script>>) -> Mock {
         let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let config = pki.server_config();
         let (pki2, stop2, script2) = (pki.clone(), stop.clone(), script.clone());
-        let thread = std::thread::spawn(move || {
-            let mut conns = Vec::new();
-            while !stop2.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((tcp, _)) => {
-                        let (c, p, s, st) =
-                            (config.clone(), pki2.clone(), script2.clone(), stop2.clone());
-                        conns.push(std::thread::spawn(move || serve(tcp, c, &p, &s, &st)));
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) => panic!("accept: {e}"),
-                }
-            }
-            drop(listener);
-            for c in conns {
-                let _ = c.join();
-            }
+        let thread = accept_until_stopped(listener, stop.clone(), move |tcp| {
+            serve(tcp, config.clone(), &pki2, &script2, &stop2)
         });
         Mock {
             addr,

@@ -28,7 +28,7 @@ use sha2::{Digest as _, Sha256};
 
 #[path = "common/mock_pki.rs"]
 mod mock_pki;
-use mock_pki::Pki;
+use mock_pki::{Pki, accept_until_stopped};
 
 // ---------------------------------------------------------------------------------------------
 // The mock gateway: registers devices, and hands every device session to the test as a Link.
@@ -145,35 +145,13 @@ struct Mock {
 impl Mock {
     fn start(pki: &Arc<Pki>) -> Mock {
         let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let config = pki.server_config();
         let (sessions_tx, sessions) = channel();
         let (pki2, stop2) = (pki.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut conns = Vec::new();
-            while !stop2.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((tcp, _)) => {
-                        let (c, p, st, s) = (
-                            config.clone(),
-                            pki2.clone(),
-                            stop2.clone(),
-                            sessions_tx.clone(),
-                        );
-                        conns.push(std::thread::spawn(move || serve(tcp, c, &p, &st, &s)));
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) => panic!("accept: {e}"),
-                }
-            }
-            drop(listener);
-            for c in conns {
-                let _ = c.join();
-            }
+        let thread = accept_until_stopped(listener, stop.clone(), move |tcp| {
+            serve(tcp, config.clone(), &pki2, &stop2, &sessions_tx)
         });
         Mock {
             addr,

@@ -1,9 +1,15 @@
-//! The PKI of the mock gateways in `tests/agent_mock.rs` and `tests/agent_relay_mock.rs`: a
-//! root, a server certificate for localhost / 127.0.0.1 under it, and a device CA that issues
-//! credentials from the agent's CSR (built with rcgen, independent of the gateway's own PKI).
+//! What the mock gateways of `tests/agent_mock.rs`, `tests/agent_relay_mock.rs` and
+//! `tests/mgmt_client.rs` share: their PKI (a root, a server certificate for localhost /
+//! 127.0.0.1 under it, and a device CA that issues credentials from the agent's CSR, built with
+//! rcgen, independent of the gateway's own PKI) and their accept loop.
 #![allow(dead_code)]
 
+use std::io::ErrorKind;
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use base64::Engine as _;
 use fleetgate::pki::Fingerprint;
@@ -111,4 +117,34 @@ impl Pki {
         let cert = params.signed_by(&self.device_ca).unwrap();
         (cert.pem(), spki)
     }
+}
+
+/// Accepts on `listener` until `stop` is set, each connection on its own thread running
+/// `handle`; the returned thread joins them all before it ends.
+pub fn accept_until_stopped(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    handle: impl Fn(TcpStream) + Send + Sync + 'static,
+) -> JoinHandle<()> {
+    listener.set_nonblocking(true).unwrap();
+    let handle = Arc::new(handle);
+    std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((tcp, _)) => {
+                    let h = handle.clone();
+                    conns.push(std::thread::spawn(move || h(tcp)));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        drop(listener);
+        for c in conns {
+            let _ = c.join();
+        }
+    })
 }
