@@ -107,9 +107,17 @@ pub fn server_config(
     Ok(Arc::new(sc))
 }
 
-/// aws-lc-rs with the cipher suites reordered: AES-128-GCM first in each version.
-fn provider() -> CryptoProvider {
+/// The gateway's crypto: aws-lc-rs for key exchange, signatures and tickets, with *ring*'s
+/// record ciphers, AES-128-GCM first in each version.
+///
+/// The record ciphers carry every relayed byte twice (decrypt, encrypt). On x86-64 with
+/// VAES/AVX2, ring 0.17 seals 16 KiB records at 5–6 GB/s per core where aws-lc-rs 1.x (its
+/// AES-NI path) manages 2.3–2.7 GB/s (`docs/benchmarks.md`, "Bulk relay: where the time
+/// went"). Handshake work (ECDHE, ECDSA/RSA signatures, certificate checks) stays on
+/// aws-lc-rs, whose figures the storm targets were measured with.
+pub fn provider() -> CryptoProvider {
     let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites = rustls::crypto::ring::DEFAULT_CIPHER_SUITES.to_vec();
     let rank = |s: &SupportedCipherSuite| match s.suite() {
         CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
         CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,

@@ -1,13 +1,13 @@
 //! `loadtest`: simulates fleets of devices against fleetgate or any other `ws://`/`wss://`
 //! server and measures what they cost it. See `loadtest/README.md`.
 
-/// mimalloc: the generator holds up to 100,000 TLS WebSockets and runs their handshakes on the
-/// same two cores as the gateway; with glibc malloc, allocation was ~20 % of its CPU in a
-/// 100k reconnect storm (perf), CPU the gateway then lacks. (The gateway keeps the system
-/// allocator: its per-connection memory figures are measured with it.)
+/// mimalloc for small blocks, glibc for large ones: see `alloc.rs` (storms make millions of
+/// small allocations, bulk streams one 16 KiB buffer per TLS record). The gateway keeps the
+/// system allocator: its per-connection memory figures are measured with it.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::SplitAlloc = alloc::SplitAlloc;
 
+mod alloc;
 mod backoff;
 mod baseline;
 mod creds;

@@ -20,11 +20,11 @@ use crate::pki::Fingerprint;
 /// The agent's TLS stream.
 pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
 
-/// The crypto provider (aws-lc-rs).
+/// The crypto provider: the gateway's ([`crate::tls::provider`]: aws-lc-rs with ring's
+/// record ciphers), so file pushes decrypt at the same speed as the gateway relays them.
 pub fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    P.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .clone()
+    P.get_or_init(|| Arc::new(crate::tls::provider())).clone()
 }
 
 /// Bundle paths tried for the system roots after `SSL_CERT_FILE`.

@@ -296,7 +296,7 @@ fn pem_error(path: &Path, message: impl std::fmt::Display) -> ClientError {
 /// The rustls client configuration: the client certificate chain and key, and the gateway's
 /// root (`ca`) or, without one, the system roots.
 pub(crate) fn tls_config(options: &ClientOptions) -> Result<Arc<ClientConfig>, ClientError> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(crate::tls::provider());
     let mut roots = RootCertStore::empty();
     let ca_files: Vec<std::path::PathBuf> = match &options.ca {
         Some(p) => vec![p.clone()],
