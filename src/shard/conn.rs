@@ -503,6 +503,11 @@ impl Conn {
             |plain, staged, peer_cert| st.plaintext(plain, staged, peer_cert),
         );
         cx.staged.clear();
+        if matches!(self.phase, Phase::Open(_)) {
+            // Requests (and the client certificate they are checked against) are over once
+            // the connection is a WebSocket: ~0.5 KB less per idle device.
+            self.tls.forget_peer_certificate();
+        }
         match res {
             Ok(progress) => {
                 if progress.handshake_done && !was_established {

@@ -25,6 +25,9 @@ use rustls_pki_types::CertificateDer;
 use crate::config::{TlsConfig, TlsVersion};
 use crate::pki::Keystore;
 
+mod records;
+use records::Records;
+
 /// TLS errors. All are fatal for the connection.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -91,6 +94,9 @@ pub fn server_config(
         .map_err(|e| TlsError::Config(format!("keystore certificate/key: {e}")))?;
     sc.ignore_client_order = true;
     sc.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // After the handshake the records are sealed and opened by `records.rs`, with the
+    // traffic secrets rustls hands over.
+    sc.enable_secret_extraction = true;
     if cfg.session_tickets {
         sc.ticketer = match tickets {
             Some(t) => t,
@@ -150,13 +156,30 @@ pub struct Progress {
     pub peer_closed: bool,
 }
 
+/// TLS record header: type, version, length.
+const RECORD_HEADER: usize = 5;
+/// Longest record body any version allows (TLS 1.2: 2^14 + 2048).
+const MAX_RECORD_BODY: usize = 16_384 + 2_048;
+
+/// Who protects the records: rustls until its handshake is over, then [`Records`].
+enum Engine {
+    /// Boxed: an established session frees these ~1.1 KB with the rustls connection.
+    Handshake(Box<UnbufferedServerConnection>),
+    Records(Box<Records>),
+    /// Only while the one is being turned into the other, or after that failed.
+    Gone,
+}
+
 /// One server-side TLS session with caller-owned buffers.
 pub struct TlsSession {
-    conn: UnbufferedServerConnection,
+    engine: Engine,
     /// Bytes of an incomplete record, kept until the rest arrives. `None` when idle.
     partial: Option<Vec<u8>>,
     established: bool,
     close_notify_sent: bool,
+    /// The configuration allows the take-over (`enable_secret_extraction`, set by
+    /// [`server_config`]); without it rustls keeps the records.
+    own_records: bool,
 }
 
 impl std::fmt::Debug for TlsSession {
@@ -172,7 +195,8 @@ impl TlsSession {
     /// A new session awaiting a ClientHello.
     pub fn new(config: Arc<ServerConfig>) -> Result<Self, TlsError> {
         Ok(Self {
-            conn: UnbufferedServerConnection::new(config)?,
+            own_records: config.enable_secret_extraction,
+            engine: Engine::Handshake(Box::new(UnbufferedServerConnection::new(config)?)),
             partial: None,
             established: false,
             close_notify_sent: false,
@@ -181,7 +205,11 @@ impl TlsSession {
 
     /// The completed handshake resumed an earlier session (a session ticket).
     pub fn resumed(&self) -> bool {
-        self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        match &self.engine {
+            Engine::Handshake(c) => c.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            Engine::Records(r) => r.resumed(),
+            Engine::Gone => false,
+        }
     }
 
     /// The handshake has completed.
@@ -191,7 +219,20 @@ impl TlsSession {
 
     /// The client certificate the peer presented (already verified by the handshake), if any.
     pub fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
-        self.conn.peer_certificates()?.first()
+        match &self.engine {
+            Engine::Handshake(c) => c.peer_certificates()?.first(),
+            Engine::Records(r) => r.peer_certificate(),
+            Engine::Gone => None,
+        }
+    }
+
+    /// Drops the kept copy of the client certificate (after the handshake, once no more
+    /// HTTP requests will be checked against it). [`TlsSession::peer_certificate`] is `None`
+    /// afterwards.
+    pub fn forget_peer_certificate(&mut self) {
+        if let Engine::Records(r) = &mut self.engine {
+            r.forget_peer_certificate();
+        }
     }
 
     /// Bytes held for an incomplete record.
@@ -201,10 +242,14 @@ impl TlsSession {
 
     /// Version and suite, once established.
     pub fn negotiated(&self) -> Option<Negotiated> {
-        Some(Negotiated {
-            version: self.conn.protocol_version()?,
-            suite: self.conn.negotiated_cipher_suite()?.suite(),
-        })
+        match &self.engine {
+            Engine::Handshake(c) => Some(Negotiated {
+                version: c.protocol_version()?,
+                suite: c.negotiated_cipher_suite()?.suite(),
+            }),
+            Engine::Records(r) => Some(r.negotiated()),
+            Engine::Gone => None,
+        }
     }
 
     /// Processes received ciphertext `input` (which may be modified).
@@ -222,35 +267,65 @@ impl TlsSession {
         mut on_plaintext: impl FnMut(&mut [u8], &mut Vec<u8>, Option<&CertificateDer<'static>>),
     ) -> Result<Progress, TlsError> {
         let mut progress = Progress::default();
-        match self.partial.take() {
-            None => {
-                let used = self.process(
-                    input,
-                    out,
-                    staged_out,
-                    scratch,
-                    &mut on_plaintext,
-                    &mut progress,
-                )?;
-                if used < input.len() {
-                    self.partial = Some(input[used..].to_vec());
-                }
-            }
-            Some(mut held) => {
-                held.extend_from_slice(input);
-                let used = self.process(
-                    &mut held,
-                    out,
-                    staged_out,
-                    scratch,
-                    &mut on_plaintext,
-                    &mut progress,
-                )?;
-                if used < held.len() {
-                    held.drain(..used);
+        let mut off = 0;
+        let mut spare = None;
+        if let Some(mut held) = self.partial.take() {
+            // Complete the record that was cut, taking no more from `input` than it needs, so
+            // the records after it are handled in place (a copy of one record, not of the
+            // whole receive buffer).
+            loop {
+                let need = if held.len() < RECORD_HEADER {
+                    RECORD_HEADER
+                } else {
+                    let len = usize::from(u16::from_be_bytes([held[3], held[4]]));
+                    if len > MAX_RECORD_BODY {
+                        return Err(rustls::Error::PeerSentOversizedRecord.into());
+                    }
+                    RECORD_HEADER + len
+                };
+                let take = (need - held.len()).min(input.len() - off);
+                held.extend_from_slice(&input[off..off + take]);
+                off += take;
+                if held.len() < need {
                     self.partial = Some(held);
+                    return Ok(progress);
+                }
+                if need > RECORD_HEADER {
+                    break;
                 }
             }
+            let used = self.process(
+                &mut held,
+                out,
+                staged_out,
+                scratch,
+                &mut on_plaintext,
+                &mut progress,
+            )?;
+            if used < held.len() {
+                // rustls left part of it (a handshake it is blocked on): keep everything.
+                held.drain(..used);
+                held.extend_from_slice(&input[off..]);
+                self.partial = Some(held);
+                return Ok(progress);
+            }
+            held.clear();
+            spare = Some(held);
+        }
+        let rest = &mut input[off..];
+        let used = self.process(
+            rest,
+            out,
+            staged_out,
+            scratch,
+            &mut on_plaintext,
+            &mut progress,
+        )?;
+        if used < rest.len() {
+            // The buffer of the record just completed is reused for the next cut one.
+            let mut held = spare.unwrap_or_default();
+            held.extend_from_slice(&rest[used..]);
+            self.partial = Some(held);
         }
         Ok(progress)
     }
@@ -267,10 +342,20 @@ impl TlsSession {
     ) -> Result<usize, TlsError> {
         let mut start = 0;
         loop {
+            let conn = match &mut self.engine {
+                Engine::Records(r) => {
+                    let used =
+                        r.open(&mut buf[start..], out, staged_out, on_plaintext, progress)?;
+                    return Ok(start + used);
+                }
+                Engine::Gone => return Err(TlsError::State("the session was lost")),
+                Engine::Handshake(c) => c,
+            };
             let avail = buf.len() - start;
-            let status = self.conn.process_tls_records(&mut buf[start..]);
+            let status = conn.process_tls_records(&mut buf[start..]);
             let discard = status.discard;
             let mut stop = false;
+            let mut take_over = false;
             let state = status.state?;
             tracing::trace!(?state, discard, avail, "tls state");
             match state {
@@ -305,6 +390,7 @@ impl TlsSession {
                         staged_out.clear();
                     }
                     stop = true;
+                    take_over = true;
                 }
                 ConnectionState::PeerClosed => progress.peer_closed = true,
                 ConnectionState::Closed => stop = true,
@@ -315,9 +401,19 @@ impl TlsSession {
             }
             start += discard;
             if !scratch.is_empty() {
-                let peer = self.conn.peer_certificates().and_then(|c| c.first());
+                let peer = conn.peer_certificates().and_then(|c| c.first());
                 on_plaintext(&mut scratch[..], staged_out, peer);
                 scratch.clear();
+                continue;
+            }
+            // The handshake is over and rustls has nothing left to send: the records are
+            // ours from here on (records.rs), including any already received after `start`.
+            if take_over && !conn.is_handshaking() && !conn.wants_write() && self.own_records {
+                let Engine::Handshake(conn) = std::mem::replace(&mut self.engine, Engine::Gone)
+                else {
+                    unreachable!("matched above");
+                };
+                self.engine = Engine::Records(Box::new(Records::take_over(*conn)?));
                 continue;
             }
             if stop {
@@ -331,6 +427,9 @@ impl TlsSession {
         if plain.is_empty() {
             return Ok(());
         }
+        if let Engine::Records(r) = &mut self.engine {
+            return r.seal(records::APPLICATION_DATA, plain, out);
+        }
         self.with_write(|w| encrypt_into(w, plain, out))
     }
 
@@ -340,6 +439,9 @@ impl TlsSession {
             return Ok(());
         }
         self.close_notify_sent = true;
+        if let Engine::Records(r) = &mut self.engine {
+            return r.close_notify(out);
+        }
         self.with_write(|w| {
             encode_with(out, 64, |dst| {
                 w.queue_close_notify(dst).map_err(encrypt_needed)
@@ -353,7 +455,10 @@ impl TlsSession {
             &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
         ) -> Result<(), TlsError>,
     ) -> Result<(), TlsError> {
-        let status = self.conn.process_tls_records(&mut []);
+        let Engine::Handshake(conn) = &mut self.engine else {
+            return Err(TlsError::State("the session was lost"));
+        };
+        let status = conn.process_tls_records(&mut []);
         match status.state? {
             ConnectionState::WriteTraffic(mut w) => f(&mut w),
             _ => Err(TlsError::State(
