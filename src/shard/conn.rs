@@ -283,7 +283,9 @@ pub struct Conn {
     /// Complete relay envelopes received, for the shard to route.
     pub relay_in: Vec<Vec<u8>>,
     /// Relay data frames (plaintext WebSocket frames) waiting behind control output.
-    bulk: std::collections::VecDeque<Vec<u8>>,
+    /// Each entry: a buffer and where its frame starts in it (an envelope turned into a frame
+    /// in place, [`Conn::deliver_in_place`], starts after its old header).
+    bulk: std::collections::VecDeque<(Vec<u8>, usize)>,
     /// Bytes in `bulk`.
     pub bulk_bytes: usize,
     /// A management connection (admitted), for event broadcasts and routing checks.
@@ -367,13 +369,51 @@ impl Conn {
             frame.clear();
             write(&mut frame);
             self.bulk_bytes += frame.len();
-            self.bulk.push_back(frame);
+            self.bulk.push_back((frame, 0));
             self.pump_bulk(cx);
         } else {
             write(cx.staged);
             self.send_plain(cx);
         }
         true
+    }
+
+    /// Queues a `data` envelope for a device without copying it: the envelope's own buffer
+    /// becomes the WebSocket frame. The device form of the header (no unit) is shorter than
+    /// the management form by the unit's length, which leaves room for the frame header in
+    /// front of it. `at` is where the body starts in `env`. Gives `env` back (`Err`) when the
+    /// unit is too short for that; the caller then copies ([`Conn::deliver`]).
+    pub fn deliver_in_place(
+        &mut self,
+        header: &crate::proto::envelope::Header<'_>,
+        mut env: Vec<u8>,
+        at: usize,
+        cx: &mut Cx<'_>,
+    ) -> Result<(), Vec<u8>> {
+        if !self.accepts_relay()
+            || header.kind != crate::proto::envelope::Kind::Data
+            || !header.unit.is_empty()
+        {
+            return Err(env);
+        }
+        let hlen = header.len();
+        let len = hlen + (env.len() - at);
+        let mut h = [0u8; ws::MAX_HEADER_LEN];
+        let n = ws::encode_header(true, OpCode::Binary, None, len as u64, &mut h);
+        let Some(start) = at.checked_sub(hlen + n) else {
+            return Err(env);
+        };
+        env[start..start + n].copy_from_slice(&h[..n]);
+        // The device form: kind, 0, unit length 0, channel, route (docs/protocol.md §6.1).
+        debug_assert!(header.unit.is_empty() && hlen == 16, "device form: no unit");
+        let head = &mut env[start + n..at];
+        head[..4].copy_from_slice(&[header.kind as u8, 0, 0, 0]);
+        head[4..8].copy_from_slice(&header.channel.to_be_bytes());
+        head[8..16].copy_from_slice(&header.route.to_be_bytes());
+        self.bulk_bytes += env.len() - start;
+        self.bulk.push_back((env, start));
+        self.pump_bulk(cx);
+        Ok(())
     }
 
     /// Encrypts queued data frames when nothing else is waiting to be sent (at most ~64 KiB
@@ -384,24 +424,35 @@ impl Conn {
         }
         let mut budget: usize = 64 * 1024;
         while budget > 0 {
-            let Some(frame) = self.bulk.pop_front() else {
+            let Some((frame, start)) = self.bulk.pop_front() else {
                 break;
             };
-            self.bulk_bytes -= frame.len();
-            budget = budget.saturating_sub(frame.len());
+            let len = frame.len() - start;
+            self.bulk_bytes -= len;
+            budget = budget.saturating_sub(len);
             if self.out.capacity() == 0 {
                 self.out = cx.pool.take();
             }
-            if self.tls.send(&frame, &mut self.out).is_err() {
+            if self.tls.send(&frame[start..], &mut self.out).is_err() {
                 self.after = After::Abort;
             }
+            Self::recycle(frame, start, cx);
+        }
+    }
+
+    /// A sent frame's buffer goes back where it came from: an envelope delivered in place
+    /// (`start > 0`) to the envelope pool, a copied frame to the frame pool.
+    fn recycle(frame: Vec<u8>, start: usize, cx: &mut Cx<'_>) {
+        if start > 0 {
+            cx.pool.give(frame);
+        } else {
             cx.frame_pool.give(frame);
         }
     }
 
     /// Drops queued data (the connection is closing); buffers go back to the pool.
     pub fn clear_bulk(&mut self, pool: &mut VecPool) {
-        for f in self.bulk.drain(..) {
+        for (f, _) in self.bulk.drain(..) {
             pool.give(f);
         }
         self.bulk_bytes = 0;

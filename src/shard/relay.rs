@@ -420,12 +420,23 @@ impl<D: Driver> Shard<D> {
             h.unit = "";
         }
         let now = self.now_ms();
-        let body = &env[at..];
-        self.with_cx(now, slot, |c, cx| {
-            c.deliver(&h, body, cx);
-        });
+        let mut left = Some(env);
+        if !to_management && f.kind == Kind::Data {
+            // Stream data to a device is queued in its own buffer (no copy of the body).
+            self.with_cx(now, slot, |c, cx| {
+                if let Some(env) = left.take() {
+                    left = c.deliver_in_place(&h, env, at, cx).err();
+                }
+            });
+        }
+        if let Some(env) = left {
+            let body = &env[at..];
+            self.with_cx(now, slot, |c, cx| {
+                c.deliver(&h, body, cx);
+            });
+            self.pool.give(env);
+        }
         ShardStats::inc(&self.stats().relay_out);
-        self.pool.give(env);
         self.act(slot);
     }
 
