@@ -98,12 +98,34 @@ pub struct ShardStats {
     pub budget_pauses: AtomicU64,
     /// Errors by kind.
     pub errors: [AtomicU64; 11],
+    /// Requests and responses by time inside the gateway, [`RELAY_LATENCY_BUCKETS_US`]
+    /// (the last is +Inf).
+    pub relay_latency: [AtomicU64; RELAY_LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of those times, nanoseconds.
+    pub relay_latency_ns: AtomicU64,
 }
+
+/// Upper bounds of the relay-latency histogram, microseconds.
+pub const RELAY_LATENCY_BUCKETS_US: [u64; 12] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000,
+];
 
 impl ShardStats {
     /// Adds 1 to a counter.
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one request or response that spent `elapsed` inside the gateway.
+    pub fn relay_latency(&self, elapsed: std::time::Duration) {
+        let us = elapsed.as_micros() as u64;
+        let i = RELAY_LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(RELAY_LATENCY_BUCKETS_US.len());
+        self.relay_latency[i].fetch_add(1, Ordering::Relaxed);
+        self.relay_latency_ns
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Adds `n` to a counter.
@@ -246,6 +268,24 @@ pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u
             total(shards, f)
         );
     }
+    let name = "fleetgate_relay_latency_seconds";
+    let _ = writeln!(
+        o,
+        "# HELP {name} Requests and responses: from the shard taking the received bytes to the envelope encrypted for its receiver (across shards included).\n# TYPE {name} histogram"
+    );
+    let mut cumulative = 0;
+    for (i, le) in RELAY_LATENCY_BUCKETS_US
+        .iter()
+        .map(|us| format!("{}", *us as f64 / 1e6))
+        .chain(std::iter::once("+Inf".to_string()))
+        .enumerate()
+    {
+        cumulative += shards.iter().map(|s| get(&s.relay_latency[i])).sum::<u64>();
+        let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+    }
+    let sum_ns: u64 = shards.iter().map(|s| get(&s.relay_latency_ns)).sum();
+    let _ = writeln!(o, "{name}_sum {}", sum_ns as f64 / 1e9);
+    let _ = writeln!(o, "{name}_count {cumulative}");
     let name = "fleetgate_tls_resumptions_total";
     let _ = writeln!(
         o,

@@ -320,6 +320,29 @@ fn devices_on_every_shard_are_reached_and_answers_go_to_the_asker() {
         shards_with_devices >= 2,
         "devices all on one shard:\n{metrics}"
     );
+    // Every request and every response was timed inside the gateway: 12 of each, in a
+    // well-formed histogram (cumulative buckets ending in +Inf = count).
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+    };
+    let count = value("fleetgate_relay_latency_seconds_count ");
+    assert_eq!(count, 24.0, "{metrics}");
+    assert_eq!(
+        value("fleetgate_relay_latency_seconds_bucket{le=\"+Inf\"}"),
+        count
+    );
+    let sum = value("fleetgate_relay_latency_seconds_sum ");
+    assert!(sum > 0.0 && sum < 24.0 * 0.5, "sum {sum}");
+    let buckets: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("fleetgate_relay_latency_seconds_bucket"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
 }
 
 #[test]

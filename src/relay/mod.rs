@@ -117,6 +117,9 @@ pub enum MeshMsg {
         env: Vec<u8>,
         /// The shard that filled `env`.
         from_shard: usize,
+        /// When the sending shard took the bytes this envelope came in (relay latency);
+        /// `None` for envelopes the gateway made itself.
+        received: Option<std::time::Instant>,
         /// Where to send `link_closed` if the receiver is gone: the sender's route (for a
         /// device sender) — 0 for none.
         reply_route: u64,

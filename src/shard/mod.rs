@@ -143,6 +143,9 @@ pub struct Shard<D: Driver> {
     client_cas: ClientCas,
     /// A spare list for the envelopes of one input (swapped with the connection's).
     relay_spare: Vec<Vec<u8>>,
+    /// While the envelopes of one receive are being routed: when the shard took its bytes
+    /// (`fleetgate_relay_latency_seconds`).
+    rx_at: Option<Instant>,
     /// Connections paused for the memory budget, resumed once under ¾ of it.
     budget_stalled: Vec<ConnKey>,
     /// Input events of budget-paused connections, in arrival order, replayed on resume.
@@ -247,6 +250,7 @@ impl<D: Driver> Shard<D> {
             relay_limits,
             client_cas,
             relay_spare: Vec::with_capacity(16),
+            rx_at: None,
             budget_stalled: Vec::new(),
             budget_held: Vec::new(),
             frame_pool: VecPool::new(128, 128 * 1024),
@@ -358,6 +362,7 @@ impl<D: Driver> Shard<D> {
                     return;
                 }
                 ShardStats::add(&self.shared.stats[self.id].bytes_in, len as u64);
+                self.rx_at = Some(Instant::now());
                 let now = self.now_ms();
                 let Self {
                     driver,
@@ -394,6 +399,7 @@ impl<D: Driver> Shard<D> {
                 self.driver.recycle(buf);
                 self.take_request(key.slot as usize);
                 self.route_envelopes(key.slot as usize);
+                self.rx_at = None;
                 self.act(key.slot as usize);
             }
             Event::Eof { key } => {
@@ -729,9 +735,9 @@ impl<D: Driver> Shard<D> {
                 }
                 Ok(Command::Shutdown { drain }) => self.begin_shutdown(drain),
                 Ok(Command::Mesh(m)) => self.mesh = Some(m),
-                Ok(Command::Relay { to, env }) => self.deliver_local(to, true, env),
+                Ok(Command::Relay { to, env }) => self.deliver_local(to, true, env, None),
                 Ok(Command::Broadcast(env)) => self.broadcast_local(&env),
-                Ok(Command::ToDevice { to, env }) => self.deliver_local(to, false, env),
+                Ok(Command::ToDevice { to, env }) => self.deliver_local(to, false, env, None),
                 Ok(Command::Registered { conn, outcome }) => {
                     if self.live(conn) && !self.conns[conn.slot as usize].closing {
                         let now = self.now_ms();

@@ -266,7 +266,7 @@ impl<D: Driver> Shard<D> {
         source: Option<ConnKey>,
     ) {
         if shard == self.id {
-            self.deliver_local(to, to_management, env);
+            self.deliver_local(to, to_management, env, self.rx_at);
             return;
         }
         let msg = MeshMsg::Deliver {
@@ -274,6 +274,7 @@ impl<D: Driver> Shard<D> {
             to_management,
             env,
             from_shard: self.id,
+            received: self.rx_at,
             reply_route: 0,
         };
         self.mesh_send(shard, msg, source);
@@ -373,7 +374,13 @@ impl<D: Driver> Shard<D> {
     }
 
     /// Delivers a transit envelope to a connection of this shard, or answers for it.
-    pub(super) fn deliver_local(&mut self, to: ConnKey, to_management: bool, env: Vec<u8>) {
+    pub(super) fn deliver_local(
+        &mut self,
+        to: ConnKey,
+        to_management: bool,
+        env: Vec<u8>,
+        received: Option<std::time::Instant>,
+    ) {
         let Ok((f, at)) = fields(&env) else {
             self.pool.give(env);
             return;
@@ -437,6 +444,9 @@ impl<D: Driver> Shard<D> {
             self.pool.give(env);
         }
         ShardStats::inc(&self.stats().relay_out);
+        if let (Some(t), Kind::Request | Kind::Response) = (received, f.kind) {
+            self.stats().relay_latency(t.elapsed());
+        }
         self.act(slot);
     }
 
@@ -543,6 +553,7 @@ impl<D: Driver> Shard<D> {
                 to_management,
                 env,
                 from_shard,
+                received,
                 ..
             } => {
                 if let Some(s) = self.shared.stats.get(from_shard) {
@@ -550,7 +561,7 @@ impl<D: Driver> Shard<D> {
                 }
                 // The buffer joins our pool; one of ours goes home in exchange, so neither
                 // shard allocates in steady state.
-                self.deliver_local(to, to_management, env);
+                self.deliver_local(to, to_management, env, received);
                 if from_shard != self.id {
                     let back = self.pool.take();
                     if back.capacity() > 0 {
