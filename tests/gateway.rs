@@ -99,6 +99,54 @@ both_drivers!(check_status_and_metrics_over_curl, |driver| {
     assert_eq!(code, "405");
 });
 
+// After the handshake the gateway protects records itself (src/tls/records.rs): a TLS 1.3
+// KeyUpdate from a real, non-rustls client — openssl's `K` (asks for one back) and `k` —
+// re-keys the connection, and requests keep being answered on it under the new keys.
+both_drivers!(openssl_key_updates_keep_the_connection_working, |driver| {
+    let gw = Gateway::start(driver, None, &[]);
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &gw.addr.to_string(),
+            "-servername",
+            "localhost",
+            "-tls1_3",
+            "-CAfile",
+            gw.root_pem().to_str().unwrap(),
+            "-verify_return_error",
+            "-crlf",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let get = b"GET /usg/check-status HTTP/1.1\nHost: localhost\n\n";
+    // s_client reads its commands from the start of a line; pauses let each take effect.
+    for step in [&get[..], b"K\n", get, b"k\n", get] {
+        stdin.write_all(step).unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.matches("HTTP/1.1 200 OK").count(),
+        3,
+        "three answers on one connection:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("KEYUPDATE").count(), 2, "{stderr}");
+    assert!(
+        !stdout.contains("alert") && !stdout.contains(":error:"),
+        "{stdout}"
+    );
+});
+
 both_drivers!(openssl_s_client_tls12_and_tls13, |driver| {
     let gw = Gateway::start(driver, None, &[]);
     for v in ["-tls1_2", "-tls1_3"] {
