@@ -1,0 +1,57 @@
+//! The record ciphers: how fast one core seals a full TLS record (16 KiB) with AES-128-GCM,
+//! aws-lc-rs against *ring*. The gateway relays every byte through this twice (open on one
+//! leg, seal on the other), which is why `tls::provider` takes ring's record ciphers while
+//! aws-lc-rs keeps the handshake (`docs/architecture.md`, "Crypto providers").
+//!
+//! `cargo bench --bench record_ciphers`: criterion prints the throughput of each.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+const RECORD: usize = 16 * 1024;
+
+fn seal(c: &mut Criterion) {
+    let key = [7u8; 16];
+    let mut group = c.benchmark_group("aes128gcm_seal_16KiB");
+    group.throughput(Throughput::Bytes(RECORD as u64));
+    let mut buf = vec![1u8; RECORD];
+    {
+        use aws_lc_rs::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+        let k = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key).unwrap());
+        let mut seq = 0u64;
+        group.bench_function("aws-lc-rs", |b| {
+            b.iter(|| {
+                seq += 1;
+                let mut n = [0u8; 12];
+                n[4..].copy_from_slice(&seq.to_be_bytes());
+                k.seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(n),
+                    Aad::from([23u8, 3, 3, 0, 0]),
+                    &mut buf,
+                )
+                .unwrap()
+            })
+        });
+    }
+    {
+        use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+        let k = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key).unwrap());
+        let mut seq = 0u64;
+        group.bench_function("ring", |b| {
+            b.iter(|| {
+                seq += 1;
+                let mut n = [0u8; 12];
+                n[4..].copy_from_slice(&seq.to_be_bytes());
+                k.seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(n),
+                    Aad::from([23u8, 3, 3, 0, 0]),
+                    &mut buf,
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, seal);
+criterion_main!(benches);
