@@ -273,8 +273,9 @@ impl TlsSession {
             // Complete the record that was cut, taking no more from `input` than it needs, so
             // the records after it are handled in place (a copy of one record, not of the
             // whole receive buffer).
-            loop {
-                let need = if held.len() < RECORD_HEADER {
+            // First the header (if it was cut), then the body it announces.
+            for header_known in [false, true] {
+                let need = if !header_known {
                     RECORD_HEADER
                 } else {
                     let len = usize::from(u16::from_be_bytes([held[3], held[4]]));
@@ -283,15 +284,12 @@ impl TlsSession {
                     }
                     RECORD_HEADER + len
                 };
-                let take = (need - held.len()).min(input.len() - off);
+                let take = need.saturating_sub(held.len()).min(input.len() - off);
                 held.extend_from_slice(&input[off..off + take]);
                 off += take;
                 if held.len() < need {
                     self.partial = Some(held);
                     return Ok(progress);
-                }
-                if need > RECORD_HEADER {
-                    break;
                 }
             }
             let used = self.process(

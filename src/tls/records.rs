@@ -417,8 +417,9 @@ impl Records {
     }
 
     fn seal_one(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
-        if self.tx.seq >= self.limit {
-            if self.protection == Protection::Tls13 && typ != HANDSHAKE {
+        // The KeyUpdate itself (HANDSHAKE) still goes out under the old key.
+        if self.tx.seq >= self.limit && typ != HANDSHAKE {
+            if self.protection == Protection::Tls13 {
                 self.update_tx(out)?;
             } else {
                 return Err(TlsError::State(
@@ -686,6 +687,48 @@ mod tests {
     }
 
     #[test]
+    fn at_the_confidentiality_limit_tls13_rekeys_and_tls12_closes() {
+        for (version, suite) in [
+            (
+                &rustls::version::TLS13,
+                CipherSuite::TLS13_AES_128_GCM_SHA256,
+            ),
+            (
+                &rustls::version::TLS12,
+                CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ),
+        ] {
+            let mut p = pair(version, suite);
+            p.client.writer().write_all(b"x").unwrap();
+            p.pump().unwrap();
+            let Engine::Records(r) = &mut p.server.engine else {
+                panic!("the record layer took over");
+            };
+            // Two more records under this key, then the limit.
+            r.limit = r.tx.seq + 2;
+            let data = pattern(5 * MAX_PLAINTEXT, 4);
+            let mut out = Vec::new();
+            let sent = p.server.send(&data, &mut out);
+            if version == &rustls::version::TLS13 {
+                sent.unwrap();
+                p.deliver_to_client(&out);
+                assert_eq!(
+                    p.client_reads(),
+                    data,
+                    "read across the server's key update"
+                );
+                // And the session goes on under the new key, both ways.
+                let mut out = Vec::new();
+                p.server.send(b"more", &mut out).unwrap();
+                p.deliver_to_client(&out);
+                assert_eq!(p.client_reads(), b"more");
+            } else {
+                assert!(matches!(sent, Err(TlsError::State(_))), "{sent:?}");
+            }
+        }
+    }
+
+    #[test]
     fn a_tampered_record_is_fatal() {
         for (version, suite) in [
             (
@@ -720,6 +763,36 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_record_cut_after_its_header_is_an_error() {
+        let mut p = pair(
+            &rustls::version::TLS13,
+            CipherSuite::TLS13_AES_128_GCM_SHA256,
+        );
+        p.client.writer().write_all(b"x").unwrap();
+        p.pump().unwrap();
+        assert!(p.owns_records());
+        let (mut out, mut staged, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        let mut first = [APPLICATION_DATA, 3, 3, 0];
+        p.server
+            .receive(
+                &mut first,
+                &mut out,
+                &mut staged,
+                &mut scratch,
+                |_, _, _| {},
+            )
+            .unwrap();
+        let r = p.server.receive(
+            &mut [0u8],
+            &mut out,
+            &mut staged,
+            &mut scratch,
+            |_, _, _| {},
+        );
+        assert!(matches!(r, Err(TlsError::Peer(_))), "{r:?}");
+    }
+
+    #[test]
     fn a_record_cut_anywhere_is_reassembled() {
         let mut p = pair(
             &rustls::version::TLS13,
@@ -735,8 +808,14 @@ mod tests {
             p.client.write_tls(&mut wire).unwrap();
         }
         p.got.clear();
-        // Feed it in odd-sized pieces, as a socket might deliver it.
-        for piece in wire.chunks_mut(1_777) {
+        // Feed it in odd-sized pieces, as a socket might deliver it: every record cut
+        // somewhere, headers included.
+        let (head, tail) = wire.split_at_mut(40);
+        let pieces = head
+            .chunks_mut(3)
+            .chain(tail.chunks_mut(1_777))
+            .collect::<Vec<_>>();
+        for piece in pieces {
             let (mut out, mut staged, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
             let got = &mut p.got;
             p.server
