@@ -133,6 +133,10 @@ pub struct Shard<D: Driver> {
     mesh_backlog: VecDeque<(usize, MeshMsg)>,
     /// Shards to wake at the end of this loop turn (bit per shard).
     mesh_dirty: u64,
+    /// Buffers owed to other shards: envelopes they sent that this shard could not answer with
+    /// a spare buffer at the time (its pool was empty, e.g. while stream data waits in a
+    /// device's queue). Paid back in `after_batch` as buffers return to the pool.
+    recycle_owed: Vec<u32>,
     /// Connections paused until the mesh backlog drains.
     stalled: Vec<ConnKey>,
     /// This shard's management connections.
@@ -245,6 +249,7 @@ impl<D: Driver> Shard<D> {
             mesh_rx,
             mesh_backlog: VecDeque::new(),
             mesh_dirty: 0,
+            recycle_owed: vec![0; shard_count],
             stalled: Vec::new(),
             managers: Vec::new(),
             relay_limits,

@@ -335,6 +335,13 @@ impl<D: Driver> Shard<D> {
     /// it is empty, and wakes every shard that got messages (one wake-up per shard per turn).
     pub(super) fn after_batch(&mut self) {
         self.budget_resume();
+        for shard in 0..self.recycle_owed.len() {
+            while self.recycle_owed[shard] > 0 && !self.pool.is_empty() {
+                self.recycle_owed[shard] -= 1;
+                let back = self.pool.take();
+                self.mesh_send(shard, MeshMsg::Recycle(back), None);
+            }
+        }
         if let Some(mesh) = self.mesh.clone() {
             while let Some((shard, msg)) = self.mesh_backlog.pop_front() {
                 match mesh.try_send(shard, msg) {
@@ -566,6 +573,10 @@ impl<D: Driver> Shard<D> {
                     let back = self.pool.take();
                     if back.capacity() > 0 {
                         self.mesh_send(from_shard, MeshMsg::Recycle(back), None);
+                    } else if let Some(owed) = self.recycle_owed.get_mut(from_shard) {
+                        // Paid back by after_batch once buffers come home (bounded: a shard
+                        // is never owed more than a pool holds).
+                        *owed = (*owed + 1).min(64);
                     }
                 }
             }
