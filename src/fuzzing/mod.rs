@@ -5,4 +5,5 @@
 pub mod envelope;
 pub mod http;
 pub mod pki;
+pub mod tls;
 pub mod ws;
