@@ -16,6 +16,7 @@ mod envelope;
 mod fleet;
 mod fleet_wire;
 mod fleet_worker;
+mod gateway_hops;
 mod idle;
 mod messages;
 mod mgmt;

@@ -71,6 +71,9 @@ pub struct RelaySummary {
     pub requests: RequestFigures,
     /// Round trips of the requests sent after the warm-up, answered `ok`.
     pub rtt_ms: Latency,
+    /// The gateway's own time per request or response during the measurement (its
+    /// `fleetgate_relay_latency_seconds`; absent for servers without it).
+    pub gateway_hops: Option<crate::gateway_hops::HopFigures>,
     pub gateway: GatewayFigures,
     pub generator: GeneratorFigures,
     /// Busy CPU of the whole machine during the measurement (from /proc/stat), in cores.
@@ -267,7 +270,15 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
             i as u64,
         )));
     }
+    let hops_at = |ctx: &crate::fleet::FleetContext| {
+        let tls = ctx
+            .url
+            .starts_with("wss:")
+            .then(|| (ctx.anonymous.clone(), ctx.server_name.clone()));
+        crate::gateway_hops::snapshot(ctx.addr, tls)
+    };
     sleep_until(measure).await;
+    let hops0 = hops_at(&mctx).await;
     let g0 = mgmt::gateway_sample(c.gateway_pid).0;
     let (w0, m0, busy0) = (
         pool.cpu_secs(),
@@ -275,6 +286,7 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
         machine_jiffies(),
     );
     sleep_until(end).await;
+    let hops1 = hops_at(&mctx).await;
     let g1 = mgmt::gateway_sample(c.gateway_pid).0;
     let (w1, m1, busy1) = (
         pool.cpu_secs(),
@@ -333,6 +345,9 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
             per_second,
         },
         rtt_ms: summary::latency_ms(&hist),
+        gateway_hops: hops0
+            .zip(hops1)
+            .and_then(|(a, b)| crate::gateway_hops::figures(&a, &b)),
         requests: figures,
         gateway: GatewayFigures {
             pid: c.gateway_pid,
@@ -559,6 +574,13 @@ fn print_human(s: &RelaySummary) {
         s.requests.errors,
         s.requests.unanswered
     );
+    if let Some(h) = &s.gateway_hops {
+        eprintln!(
+            "relay: inside the gateway, per request or response ({} hops): p50 ≤ {} ms, \
+             p90 ≤ {} ms, p99 ≤ {} ms, p99.9 ≤ {} ms, mean {} ms",
+            h.hops, h.p50_le_ms, h.p90_le_ms, h.p99_le_ms, h.p999_le_ms, h.mean_ms
+        );
+    }
     eprintln!(
         "relay: gateway CPU {:?} cores, RSS {:?} → {:?} → {:?} bytes; generator {} cores; \
          machine busy {:?} cores; max send lag {} ms",

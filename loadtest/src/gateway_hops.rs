@@ -1,0 +1,151 @@
+//! The gateway's own share of a round trip: its `fleetgate_relay_latency_seconds` histogram
+//! (`GET /metrics`), read before and after the measurement, so a run can tell the time spent
+//! inside the gateway apart from the network's and the generator's.
+
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+const METRIC: &str = "fleetgate_relay_latency_seconds";
+
+/// Cumulative counts by upper bound (seconds; +Inf as infinity) and the sum, as `/metrics`
+/// shows them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub buckets: Vec<(f64, u64)>,
+    pub sum_secs: f64,
+}
+
+/// The hops timed inside the gateway during the measurement. Quantiles are bucket bounds: the
+/// smallest bound with at least that share of the hops at or below it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HopFigures {
+    pub hops: u64,
+    pub mean_ms: f64,
+    pub p50_le_ms: f64,
+    pub p90_le_ms: f64,
+    pub p99_le_ms: f64,
+    pub p999_le_ms: f64,
+}
+
+/// Reads the histogram; `None` if the server has no such metric (not fleetgate, or older).
+pub async fn snapshot(
+    addr: std::net::SocketAddr,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+) -> Option<Snapshot> {
+    let tcp = TcpStream::connect(addr).await.ok()?;
+    let request = b"GET /metrics HTTP/1.1\r\nHost: fleetgate\r\nConnection: close\r\n\r\n";
+    let mut text = Vec::new();
+    match tls {
+        Some((config, name)) => {
+            let mut s = TlsConnector::from(config).connect(name, tcp).await.ok()?;
+            s.write_all(request).await.ok()?;
+            // The answer is complete even if the close is not clean.
+            let _ = s.read_to_end(&mut text).await;
+        }
+        None => {
+            let mut s = tcp;
+            s.write_all(request).await.ok()?;
+            let _ = s.read_to_end(&mut text).await;
+        }
+    }
+    parse(&String::from_utf8_lossy(&text))
+}
+
+pub fn parse(text: &str) -> Option<Snapshot> {
+    let mut buckets = Vec::new();
+    let mut sum_secs = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(METRIC) else {
+            continue;
+        };
+        let value = line.rsplit(' ').next()?;
+        if let Some(b) = rest.strip_prefix("_bucket{le=\"") {
+            let le = b.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            buckets.push((le, value.parse().ok()?));
+        } else if rest.starts_with("_sum ") {
+            sum_secs = value.parse().ok();
+        }
+    }
+    (!buckets.is_empty()).then(|| Snapshot {
+        buckets,
+        sum_secs: sum_secs.unwrap_or(0.0),
+    })
+}
+
+/// What happened between two snapshots.
+pub fn figures(before: &Snapshot, after: &Snapshot) -> Option<HopFigures> {
+    if before.buckets.len() != after.buckets.len() {
+        return None;
+    }
+    let counts: Vec<(f64, u64)> = before
+        .buckets
+        .iter()
+        .zip(&after.buckets)
+        .map(|(&(le, a), &(_, b))| (le, b.saturating_sub(a)))
+        .collect();
+    let hops = counts.last()?.1;
+    if hops == 0 {
+        return None;
+    }
+    let q = |share: f64| -> f64 {
+        let need = (share * hops as f64).ceil() as u64;
+        let le = counts
+            .iter()
+            .find(|&&(_, c)| c >= need)
+            .map_or(f64::INFINITY, |&(le, _)| le);
+        crate::summary::round3(le * 1e3)
+    };
+    Some(HopFigures {
+        hops,
+        mean_ms: crate::summary::round3((after.sum_secs - before.sum_secs) / hops as f64 * 1e3),
+        p50_le_ms: q(0.5),
+        p90_le_ms: q(0.9),
+        p99_le_ms: q(0.99),
+        p999_le_ms: q(0.999),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(counts: &[u64], sum: f64) -> String {
+        let bounds = ["0.00001", "0.0001", "0.001", "+Inf"];
+        let mut t = String::from("# TYPE fleetgate_relay_latency_seconds histogram\n");
+        for (b, c) in bounds.iter().zip(counts) {
+            t += &format!("{METRIC}_bucket{{le=\"{b}\"}} {c}\n");
+        }
+        t += &format!("{METRIC}_sum {sum}\n{METRIC}_count {}\n", counts[3]);
+        t
+    }
+
+    #[test]
+    fn quantiles_are_bucket_bounds_of_the_difference() {
+        let before = parse(&text(&[10, 10, 10, 10], 0.001)).unwrap();
+        // 1000 new hops: 500 ≤ 10 µs, 400 more ≤ 100 µs, 95 more ≤ 1 ms, 5 beyond.
+        let after = parse(&text(&[510, 910, 1005, 1010], 0.101)).unwrap();
+        let f = figures(&before, &after).unwrap();
+        assert_eq!(f.hops, 1000);
+        assert_eq!((f.p50_le_ms, f.p90_le_ms, f.p99_le_ms), (0.01, 0.1, 1.0));
+        assert!(f.p999_le_ms.is_infinite());
+        assert_eq!(f.mean_ms, 0.1);
+    }
+
+    #[test]
+    fn no_metric_no_figures() {
+        assert!(parse("fleetgate_accepted_total 3\n").is_none());
+        let s = parse(&text(&[1, 2, 3, 4], 0.0)).unwrap();
+        assert!(figures(&s, &s).is_none(), "no hops in between");
+    }
+}
