@@ -14,42 +14,29 @@ fn seal(c: &mut Criterion) {
     let mut group = c.benchmark_group("aes128gcm_seal_16KiB");
     group.throughput(Throughput::Bytes(RECORD as u64));
     let mut buf = vec![1u8; RECORD];
-    {
-        use aws_lc_rs::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-        let k = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key).unwrap());
-        let mut seq = 0u64;
-        group.bench_function("aws-lc-rs", |b| {
-            b.iter(|| {
-                seq += 1;
-                let mut n = [0u8; 12];
-                n[4..].copy_from_slice(&seq.to_be_bytes());
-                k.seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(n),
-                    Aad::from([23u8, 3, 3, 0, 0]),
-                    &mut buf,
-                )
-                .unwrap()
-            })
-        });
+    // The two crates have the same AEAD API under different paths.
+    macro_rules! seal_with {
+        ($name:literal, $aead:path) => {{
+            use $aead as a;
+            let k = a::LessSafeKey::new(a::UnboundKey::new(&a::AES_128_GCM, &key).unwrap());
+            let mut seq = 0u64;
+            group.bench_function($name, |b| {
+                b.iter(|| {
+                    seq += 1;
+                    let mut n = [0u8; 12];
+                    n[4..].copy_from_slice(&seq.to_be_bytes());
+                    k.seal_in_place_separate_tag(
+                        a::Nonce::assume_unique_for_key(n),
+                        a::Aad::from([23u8, 3, 3, 0, 0]),
+                        &mut buf,
+                    )
+                    .unwrap()
+                })
+            });
+        }};
     }
-    {
-        use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-        let k = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &key).unwrap());
-        let mut seq = 0u64;
-        group.bench_function("ring", |b| {
-            b.iter(|| {
-                seq += 1;
-                let mut n = [0u8; 12];
-                n[4..].copy_from_slice(&seq.to_be_bytes());
-                k.seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(n),
-                    Aad::from([23u8, 3, 3, 0, 0]),
-                    &mut buf,
-                )
-                .unwrap()
-            })
-        });
-    }
+    seal_with!("aws-lc-rs", aws_lc_rs::aead);
+    seal_with!("ring", ring::aead);
     group.finish();
 }
 

@@ -99,29 +99,36 @@ both_drivers!(check_status_and_metrics_over_curl, |driver| {
     assert_eq!(code, "405");
 });
 
-// After the handshake the gateway protects records itself (src/tls/records.rs): a TLS 1.3
-// KeyUpdate from a real, non-rustls client — openssl's `K` (asks for one back) and `k` —
-// re-keys the connection, and requests keep being answered on it under the new keys.
-both_drivers!(openssl_key_updates_keep_the_connection_working, |driver| {
-    let gw = Gateway::start(driver, None, &[]);
-    let mut child = Command::new("openssl")
+/// `openssl s_client` to the gateway (verifying its certificate against the root), with
+/// `extra` arguments and all three standard streams piped.
+fn s_client(gw: &Gateway, extra: &[&str]) -> std::process::Child {
+    Command::new("openssl")
         .args([
             "s_client",
             "-connect",
             &gw.addr.to_string(),
             "-servername",
             "localhost",
-            "-tls1_3",
+        ])
+        .args([
             "-CAfile",
             gw.root_pem().to_str().unwrap(),
             "-verify_return_error",
-            "-crlf",
         ])
+        .args(extra)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+// After the handshake the gateway protects records itself (src/tls/records.rs): a TLS 1.3
+// KeyUpdate from a real, non-rustls client — openssl's `K` (asks for one back) and `k` —
+// re-keys the connection, and requests keep being answered on it under the new keys.
+both_drivers!(openssl_key_updates_keep_the_connection_working, |driver| {
+    let gw = Gateway::start(driver, None, &[]);
+    let mut child = s_client(&gw, &["-tls1_3", "-crlf"]);
     let mut stdin = child.stdin.take().unwrap();
     let get = b"GET /usg/check-status HTTP/1.1\nHost: localhost\n\n";
     // s_client reads its commands from the start of a line; pauses let each take effect.
@@ -150,24 +157,7 @@ both_drivers!(openssl_key_updates_keep_the_connection_working, |driver| {
 both_drivers!(openssl_s_client_tls12_and_tls13, |driver| {
     let gw = Gateway::start(driver, None, &[]);
     for v in ["-tls1_2", "-tls1_3"] {
-        let mut child = Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &gw.addr.to_string(),
-                "-servername",
-                "localhost",
-                v,
-                "-CAfile",
-                gw.root_pem().to_str().unwrap(),
-                "-verify_return_error",
-                "-quiet",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = s_client(&gw, &[v, "-quiet"]);
         child
             .stdin
             .take()

@@ -638,52 +638,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn tls13_aes128_gcm() {
-        exchange(
-            &rustls::version::TLS13,
-            CipherSuite::TLS13_AES_128_GCM_SHA256,
-        );
+    /// One test per version and AEAD, each running [`exchange`].
+    macro_rules! suites {
+        ($($name:ident: $version:ident $suite:ident;)*) => {$(
+            #[test]
+            fn $name() {
+                exchange(&rustls::version::$version, CipherSuite::$suite);
+            }
+        )*};
     }
 
-    #[test]
-    fn tls13_aes256_gcm() {
-        exchange(
-            &rustls::version::TLS13,
-            CipherSuite::TLS13_AES_256_GCM_SHA384,
-        );
-    }
-
-    #[test]
-    fn tls13_chacha20_poly1305() {
-        exchange(
-            &rustls::version::TLS13,
-            CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
-        );
-    }
-
-    #[test]
-    fn tls12_aes128_gcm() {
-        exchange(
-            &rustls::version::TLS12,
-            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-        );
-    }
-
-    #[test]
-    fn tls12_aes256_gcm() {
-        exchange(
-            &rustls::version::TLS12,
-            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-        );
-    }
-
-    #[test]
-    fn tls12_chacha20_poly1305() {
-        exchange(
-            &rustls::version::TLS12,
-            CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-        );
+    suites! {
+        tls13_aes128_gcm: TLS13 TLS13_AES_128_GCM_SHA256;
+        tls13_aes256_gcm: TLS13 TLS13_AES_256_GCM_SHA384;
+        tls13_chacha20_poly1305: TLS13 TLS13_CHACHA20_POLY1305_SHA256;
+        tls12_aes128_gcm: TLS12 TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256;
+        tls12_aes256_gcm: TLS12 TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384;
+        tls12_chacha20_poly1305: TLS12 TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256;
     }
 
     #[test]
