@@ -405,7 +405,11 @@ impl Conn {
         };
         env[start..start + n].copy_from_slice(&h[..n]);
         // The device form: kind, 0, unit length 0, channel, route (docs/protocol.md §6.1).
-        debug_assert!(header.unit.is_empty() && hlen == 16, "device form: no unit");
+        debug_assert_eq!(
+            hlen,
+            crate::proto::envelope::FIXED_HEADER,
+            "device form: no unit"
+        );
         let head = &mut env[start + n..at];
         head[..4].copy_from_slice(&[header.kind as u8, 0, 0, 0]);
         head[4..8].copy_from_slice(&header.channel.to_be_bytes());
