@@ -98,7 +98,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    fn error(kind: FailKind, message: impl Into<String>) -> Self {
+    pub fn error(kind: FailKind, message: impl Into<String>) -> Self {
         Self::Error {
             kind,
             message: message.into(),
@@ -138,15 +138,51 @@ pub async fn open(
     config: Arc<ClientConfig>,
     deadline: Instant,
 ) -> Result<Ws, Failure> {
-    let timed_out = |what: &str| {
-        Failure::error(
-            FailKind::Timeout,
-            format!(
-                "{what} did not finish within {} s",
-                ctx.handshake_timeout.as_secs_f64()
-            ),
+    let tcp = tcp_connect(ctx, source, deadline).await?;
+    let tls = timeout_at(
+        deadline,
+        TlsConnector::from(config).connect(ctx.server_name.clone(), tcp),
+    )
+    .await
+    .map_err(|_| timed_out(ctx, "TLS handshake"))?
+    .map_err(|e| {
+        from_device_error(
+            crate::device::tls_error(&e, &ctx.server_name),
+            FailKind::Tls,
         )
-    };
+    })?;
+    let request = ctx
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| Failure::error(FailKind::Upgrade, format!("bad URL {}: {e}", ctx.url)))?;
+    let (ws, _) = timeout_at(
+        deadline,
+        tokio_tungstenite::client_async_with_config(request, tls, Some(ctx.ws_config)),
+    )
+    .await
+    .map_err(|_| timed_out(ctx, "WebSocket upgrade"))?
+    .map_err(|e| ws_failure(e, Some(&ctx.path)))?;
+    Ok(ws)
+}
+
+/// `what did not finish` within the handshake timeout.
+pub fn timed_out(ctx: &FleetContext, what: &str) -> Failure {
+    Failure::error(
+        FailKind::Timeout,
+        format!(
+            "{what} did not finish within {} s",
+            ctx.handshake_timeout.as_secs_f64()
+        ),
+    )
+}
+
+/// The TCP connection to the gateway (from `source`, if given), with Nagle off.
+pub async fn tcp_connect(
+    ctx: &FleetContext,
+    source: Option<IpAddr>,
+    deadline: Instant,
+) -> Result<TcpStream, Failure> {
     let socket = match ctx.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -170,7 +206,7 @@ pub async fn open(
     }
     let tcp = timeout_at(deadline, socket.connect(ctx.addr))
         .await
-        .map_err(|_| timed_out(&format!("TCP connect to {}", ctx.addr)))?
+        .map_err(|_| timed_out(ctx, &format!("TCP connect to {}", ctx.addr)))?
         .map_err(|e| {
             from_device_error(
                 crate::device::connect_error(&e, ctx.addr, source),
@@ -178,31 +214,7 @@ pub async fn open(
             )
         })?;
     let _ = tcp.set_nodelay(true);
-    let tls = timeout_at(
-        deadline,
-        TlsConnector::from(config).connect(ctx.server_name.clone(), tcp),
-    )
-    .await
-    .map_err(|_| timed_out("TLS handshake"))?
-    .map_err(|e| {
-        from_device_error(
-            crate::device::tls_error(&e, &ctx.server_name),
-            FailKind::Tls,
-        )
-    })?;
-    let request = ctx
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| Failure::error(FailKind::Upgrade, format!("bad URL {}: {e}", ctx.url)))?;
-    let (ws, _) = timeout_at(
-        deadline,
-        tokio_tungstenite::client_async_with_config(request, tls, Some(ctx.ws_config)),
-    )
-    .await
-    .map_err(|_| timed_out("WebSocket upgrade"))?
-    .map_err(|e| ws_failure(e, Some(&ctx.path)))?;
-    Ok(ws)
+    Ok(tcp)
 }
 
 /// Classifies a WebSocket-level error; a TLS alert inside it (a client certificate the
@@ -315,7 +327,15 @@ pub async fn expect_hello(
     deadline: Instant,
     mode: &str,
 ) -> Result<Option<String>, Failure> {
-    match next_message(ws, deadline, &format!("hello (mode {mode})")).await? {
+    hello_in(
+        next_message(ws, deadline, &format!("hello (mode {mode})")).await?,
+        mode,
+    )
+}
+
+/// The unit ID of a `hello` in `mode`; anything else is a failure (a refusal as such).
+pub fn hello_in(message: Message, mode: &str) -> Result<Option<String>, Failure> {
+    match message {
         Message::Hello {
             mode: got, unit_id, ..
         } if got == mode => Ok(unit_id),

@@ -18,6 +18,7 @@ mod fleet_wire;
 mod fleet_worker;
 mod gateway_hops;
 mod idle;
+mod lean;
 mod messages;
 mod mgmt;
 mod plan;

@@ -235,6 +235,8 @@ pub struct DevicePlan {
     pub window: u32,
     pub read_rate: Option<f64>,
     pub max_runtime_secs: u64,
+    /// The lean wire (`lean.rs`) instead of tokio-tungstenite.
+    pub lean: bool,
 }
 
 impl DevicePool {
@@ -269,6 +271,7 @@ impl DevicePool {
                 window: p.window,
                 read_rate: p.read_rate,
                 max_runtime_secs: p.max_runtime_secs,
+                lean: p.lean,
             };
             let mut child = Process::new(&exe)
                 .arg("__relay-worker")

@@ -222,6 +222,7 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
             window: envelope::DEFAULT_WINDOW,
             read_rate: None,
             max_runtime_secs: max_runtime as u64,
+            lean: false,
         },
     )
     .await?;

@@ -35,6 +35,9 @@ pub struct DeviceWorkerConfig {
     pub read_rate: Option<f64>,
     /// The worker stops on its own after this long.
     pub max_runtime_secs: u64,
+    /// Devices use the lean wire (`lean.rs`) instead of tokio-tungstenite.
+    #[serde(default)]
+    pub lean: bool,
 }
 
 /// Parent → worker.

@@ -25,6 +25,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Message as WsMessage};
 
 use crate::envelope::{self, Envelope};
 use crate::fleet::{self, Failure, FleetContext, Ws};
+use crate::lean::{Event, LeanConn};
 use crate::relay_wire::{DeviceCommand, DeviceReport, DeviceStats, DeviceWorkerConfig};
 
 /// Attempts per device to get its first session.
@@ -83,7 +84,12 @@ pub fn device_context(cfg: &DeviceWorkerConfig) -> anyhow::Result<FleetContext> 
 async fn run(config: DeviceWorkerConfig) -> ExitCode {
     let started_cpu = crate::sys::own_cpu_secs();
     let ctx = match device_context(&config) {
-        Ok(c) => Rc::new(c),
+        Ok(mut c) => {
+            if config.lean {
+                crate::lean::enable(&mut c);
+            }
+            Rc::new(c)
+        }
         Err(e) => return fatal(format!("{e:#}")),
     };
     let creds = match load(&config) {
@@ -105,11 +111,13 @@ async fn run(config: DeviceWorkerConfig) -> ExitCode {
     let settings = Rc::new(Settings {
         window: config.window,
         read_rate: config.read_rate,
+        read_buffer: config.read_buffer,
     });
     let gate = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let (done_tx, mut done) = mpsc::unbounded_channel::<(u64, Option<String>)>();
     let mut tasks = JoinSet::new();
     let go = Instant::now();
+    let lean = config.lean;
     for (i, (unit, key)) in creds.into_iter().enumerate() {
         let number = config.first_device + i as u64;
         let source = crate::sources::source_for(&config.sources, number);
@@ -126,12 +134,15 @@ async fn run(config: DeviceWorkerConfig) -> ExitCode {
         let done_tx = done_tx.clone();
         tasks.spawn_local(async move {
             let permit = gate.acquire_owned().await.expect("never closed");
-            let ws = device.connect().await;
+            let conn = device.connect(lean).await;
             drop(permit);
-            match ws {
-                Ok(ws) => {
+            match conn {
+                Ok(conn) => {
                     let _ = done_tx.send((number, None));
-                    device.serve(ws).await;
+                    match conn {
+                        Conn::Ws(ws) => device.serve(*ws).await,
+                        Conn::Lean(lean) => device.serve_lean(lean).await,
+                    }
                 }
                 Err(why) => {
                     let _ = done_tx.send((number, Some(why)));
@@ -212,6 +223,13 @@ async fn read_commands(tx: mpsc::UnboundedSender<DeviceCommand>) {
 struct Settings {
     window: u32,
     read_rate: Option<f64>,
+    read_buffer: usize,
+}
+
+/// A device's session: on tokio-tungstenite or on the lean wire.
+enum Conn {
+    Ws(Box<Ws>),
+    Lean(Box<LeanConn>),
 }
 
 struct Device {
@@ -233,7 +251,7 @@ struct Incoming {
 }
 
 impl Device {
-    async fn connect(&self) -> Result<Ws, String> {
+    async fn connect(&self, lean: bool) -> Result<Conn, String> {
         let mut last = String::new();
         for attempt in 0..CONNECT_ATTEMPTS {
             if attempt > 0 {
@@ -241,14 +259,26 @@ impl Device {
             }
             let deadline = Instant::now() + self.ctx.handshake_timeout;
             let result = async {
+                if lean {
+                    let (conn, hello) = LeanConn::connect(
+                        &self.ctx,
+                        self.source,
+                        self.tls.clone(),
+                        self.settings.read_buffer,
+                        deadline,
+                    )
+                    .await?;
+                    let unit = fleet::hello_in(hello, "session")?;
+                    return Ok::<_, Failure>((Conn::Lean(Box::new(conn)), unit));
+                }
                 let mut ws =
                     fleet::open(&self.ctx, self.source, self.tls.clone(), deadline).await?;
                 let unit = fleet::expect_hello(&mut ws, deadline, "session").await?;
-                Ok::<_, Failure>((ws, unit))
+                Ok((Conn::Ws(Box::new(ws)), unit))
             }
             .await;
             match result {
-                Ok((ws, unit)) if unit.as_deref() == Some(self.unit.as_str()) => return Ok(ws),
+                Ok((conn, unit)) if unit.as_deref() == Some(self.unit.as_str()) => return Ok(conn),
                 Ok((_, unit)) => {
                     return Err(format!(
                         "session hello for unit {unit:?}, expected {}",
@@ -304,93 +334,184 @@ impl Device {
                 self.stats.borrow_mut().unexpected += 1;
                 continue;
             };
-            let reply = match e.kind {
-                envelope::REQUEST => {
-                    self.stats.borrow_mut().requests += 1;
-                    Some(pong(e.channel, e.route))
-                }
-                envelope::OPEN => {
-                    streams.insert(
-                        e.channel,
-                        Incoming {
-                            route: e.route,
-                            received: 0,
-                            uncredited: 0,
-                        },
-                    );
-                    self.stats.borrow_mut().streams_accepted += 1;
-                    let body = format!(r#"{{"window":{}}}"#, self.settings.window);
-                    Some(envelope::encode(
-                        envelope::ACCEPT,
-                        e.channel,
-                        e.route,
-                        "",
-                        body.as_bytes(),
-                    ))
-                }
-                envelope::DATA => {
-                    let n = e.body.len() as u64;
-                    if let Some(rate) = self.settings.read_rate {
-                        // A slow device: it takes n / rate seconds to consume this, and reads
-                        // nothing from its socket meanwhile.
-                        next_read = next_read.max(Instant::now())
-                            + Duration::from_secs_f64(n as f64 / rate);
-                        sleep_until(next_read).await;
-                    }
-                    self.stats.borrow_mut().stream_bytes += n;
-                    match streams.get_mut(&e.channel) {
-                        Some(s) => {
-                            s.received += n;
-                            s.uncredited += n;
-                            (s.uncredited >= u64::from(self.settings.window / 2)).then(|| {
-                                let grant = s.uncredited as u32;
-                                s.uncredited = 0;
-                                self.stats.borrow_mut().credits += 1;
-                                envelope::encode(
-                                    envelope::CREDIT,
-                                    e.channel,
-                                    s.route,
-                                    "",
-                                    &grant.to_be_bytes(),
-                                )
-                            })
-                        }
-                        None => {
-                            self.stats.borrow_mut().unexpected += 1;
-                            None
-                        }
-                    }
-                }
-                envelope::CLOSE => match streams.remove(&e.channel) {
-                    Some(s) => {
-                        self.stats.borrow_mut().streams_closed += 1;
-                        let body = format!(r#"{{"ok":true,"size":{}}}"#, s.received);
-                        Some(envelope::encode(
-                            envelope::CLOSE,
-                            e.channel,
-                            s.route,
-                            "",
-                            body.as_bytes(),
-                        ))
-                    }
-                    None => None,
-                },
-                envelope::RESET => {
-                    if streams.remove(&e.channel).is_some() {
-                        self.stats.borrow_mut().streams_reset += 1;
-                    }
-                    None
-                }
-                envelope::CREDIT => None,
-                _ => {
-                    self.stats.borrow_mut().unexpected += 1;
-                    None
-                }
-            };
+            if e.kind == envelope::DATA
+                && let Some(rate) = self.settings.read_rate
+            {
+                // A slow device: it takes n / rate seconds to consume this, and reads
+                // nothing from its socket meanwhile.
+                next_read = next_read.max(Instant::now())
+                    + Duration::from_secs_f64(e.body.len() as f64 / rate);
+                sleep_until(next_read).await;
+            }
+            let reply = self.on_envelope(&mut streams, &e, e.body.len() as u64);
             if let Some(reply) = reply
                 && let Err(e) = ws.send(WsMessage::Binary(Bytes::from(reply))).await
             {
                 return self.lost(format!("send failed: {e}"));
+            }
+        }
+    }
+
+    /// The answer to one envelope from the gateway, if any (`body_len`: the length of its
+    /// body, which the lean wire does not keep for data).
+    fn on_envelope(
+        &self,
+        streams: &mut HashMap<u32, Incoming>,
+        e: &Envelope<'_>,
+        body_len: u64,
+    ) -> Option<Vec<u8>> {
+        match e.kind {
+            envelope::REQUEST => {
+                self.stats.borrow_mut().requests += 1;
+                Some(pong(e.channel, e.route))
+            }
+            envelope::OPEN => {
+                streams.insert(
+                    e.channel,
+                    Incoming {
+                        route: e.route,
+                        received: 0,
+                        uncredited: 0,
+                    },
+                );
+                self.stats.borrow_mut().streams_accepted += 1;
+                let body = format!(r#"{{"window":{}}}"#, self.settings.window);
+                Some(envelope::encode(
+                    envelope::ACCEPT,
+                    e.channel,
+                    e.route,
+                    "",
+                    body.as_bytes(),
+                ))
+            }
+            envelope::DATA => {
+                let n = body_len;
+                self.stats.borrow_mut().stream_bytes += n;
+                match streams.get_mut(&e.channel) {
+                    Some(s) => {
+                        s.received += n;
+                        s.uncredited += n;
+                        (s.uncredited >= u64::from(self.settings.window / 2)).then(|| {
+                            let grant = s.uncredited as u32;
+                            s.uncredited = 0;
+                            self.stats.borrow_mut().credits += 1;
+                            envelope::encode(
+                                envelope::CREDIT,
+                                e.channel,
+                                s.route,
+                                "",
+                                &grant.to_be_bytes(),
+                            )
+                        })
+                    }
+                    None => {
+                        self.stats.borrow_mut().unexpected += 1;
+                        None
+                    }
+                }
+            }
+            envelope::CLOSE => match streams.remove(&e.channel) {
+                Some(s) => {
+                    self.stats.borrow_mut().streams_closed += 1;
+                    let body = format!(r#"{{"ok":true,"size":{}}}"#, s.received);
+                    Some(envelope::encode(
+                        envelope::CLOSE,
+                        e.channel,
+                        s.route,
+                        "",
+                        body.as_bytes(),
+                    ))
+                }
+                None => None,
+            },
+            envelope::RESET => {
+                if streams.remove(&e.channel).is_some() {
+                    self.stats.borrow_mut().streams_reset += 1;
+                }
+                None
+            }
+            envelope::CREDIT => None,
+            _ => {
+                self.stats.borrow_mut().unexpected += 1;
+                None
+            }
+        }
+    }
+
+    /// [`Self::serve`] on the lean wire.
+    async fn serve_lean(mut self, mut conn: Box<LeanConn>) {
+        let mut streams: HashMap<u32, Incoming> = HashMap::new();
+        let mut next_read = Instant::now();
+        let mut stop = self.stop.clone();
+        loop {
+            loop {
+                let (kind, channel, route, body, body_len) = match conn.next_event() {
+                    Err(e) => return self.lost(format!("session lost: {e:#}")),
+                    Ok(None) => break,
+                    Ok(Some(Event::Closed(code))) => {
+                        self.lost(format!("the gateway closed the session ({code:?})"));
+                        conn.close(Duration::from_secs(1)).await;
+                        return;
+                    }
+                    Ok(Some(Event::Text(t))) => {
+                        let t = String::from_utf8_lossy(t).into_owned();
+                        self.lost(format!("text message: {t}"));
+                        continue;
+                    }
+                    Ok(Some(Event::Binary { head, len })) => match Envelope::parse(head) {
+                        Some(e) => {
+                            let header = (envelope::FIXED_HEADER + e.unit.len()) as u64;
+                            // A data envelope's body is not kept: only its length.
+                            let body = if e.kind == envelope::DATA {
+                                Vec::new()
+                            } else {
+                                e.body.to_vec()
+                            };
+                            (e.kind, e.channel, e.route, body, len - header)
+                        }
+                        None => {
+                            self.stats.borrow_mut().unexpected += 1;
+                            continue;
+                        }
+                    },
+                };
+                if kind == envelope::DATA
+                    && let Some(rate) = self.settings.read_rate
+                {
+                    next_read = next_read.max(Instant::now())
+                        + Duration::from_secs_f64(body_len as f64 / rate);
+                    sleep_until(next_read).await;
+                }
+                let e = Envelope {
+                    kind,
+                    channel,
+                    route,
+                    unit: "",
+                    body: &body,
+                };
+                if let Some(reply) = self.on_envelope(&mut streams, &e, body_len)
+                    && let Err(e) = conn.send_frame(2, &reply)
+                {
+                    return self.lost(format!("send failed: {e:#}"));
+                }
+            }
+            if let Err(e) = conn.flush().await {
+                return self.lost(format!("send failed: {e}"));
+            }
+            tokio::select! {
+                r = conn.readable() => if let Err(e) = r {
+                    return self.lost(format!("session lost: {e}"));
+                },
+                _ = stop.wait_for(|s| *s) => {
+                    conn.close(Duration::from_secs(2)).await;
+                    return;
+                }
+            }
+            match conn.try_read() {
+                Ok(0) => return self.lost("the gateway closed the connection".to_owned()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return self.lost(format!("session lost: {e}")),
             }
         }
     }

@@ -18,7 +18,8 @@ use tokio::time::{Instant, timeout_at};
 use tokio_tungstenite::tungstenite::{Bytes, Message as WsMessage};
 
 use crate::envelope::{self, Envelope};
-use crate::fleet::Ws;
+use crate::fleet::{Failure, FleetContext, Ws};
+use crate::lean::{Event, LeanConn};
 use crate::mgmt::{self, DevicePlan, DevicePool, RelayCommon};
 use crate::plan::parse_secs;
 use crate::relay::{busy_cores, machine_jiffies};
@@ -48,9 +49,14 @@ pub struct StreamArgs {
     /// Data bytes per envelope (§6.2: at most 64 KiB; 16 KiB recommended)
     #[arg(long, default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub chunk: u32,
-    /// Device tungstenite read buffer, bytes
+    /// Device read buffer, bytes (tungstenite's, or the lean wire's receive buffer)
     #[arg(long, default_value_t = 64 * 1024)]
     pub device_read_buffer: usize,
+    /// Run both sides on tokio-rustls and tokio-tungstenite instead of the lean wire (TLS 1.3
+    /// records and WebSocket frames written for throughput: see loadtest/README.md). For
+    /// comparison, and for TLS 1.2
+    #[arg(long)]
+    pub tungstenite: bool,
     /// Give up on streams still running after this many seconds
     #[arg(long, value_parser = parse_secs, default_value = "600")]
     pub timeout: f64,
@@ -120,6 +126,8 @@ pub struct StreamSetup {
     pub device_read_rate_mb_per_sec: Option<f64>,
     pub mgmt_connections: u64,
     pub device_workers: u64,
+    /// `lean` or `tungstenite`.
+    pub wire: &'static str,
 }
 
 pub fn main(args: StreamArgs) -> ExitCode {
@@ -206,6 +214,10 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
         Vec::new(),
     )?;
     mctx.ws_config = mgmt::mgmt_ws_config();
+    let lean = !args.tungstenite;
+    if lean {
+        crate::lean::enable(&mut mctx);
+    }
     drop(mgmt::connect_management(&mctx).await?);
 
     let workers = c.workers.unwrap_or(1);
@@ -219,6 +231,7 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
             window: args.window,
             read_rate: args.device_read_rate.map(|r| r * MB),
             max_runtime_secs: (args.connect_timeout + args.timeout + 120.0) as u64,
+            lean,
         },
     )
     .await?;
@@ -238,7 +251,11 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
     );
     let mut conns = Vec::new();
     for _ in 0..c.mgmt_conns {
-        conns.push(mgmt::connect_management(&mctx).await?);
+        conns.push(if lean {
+            MgmtConn::Lean(Box::new(connect_lean(&mctx).await?))
+        } else {
+            MgmtConn::Ws(Box::new(mgmt::connect_management(&mctx).await?))
+        });
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (g0, rss_before) = mgmt::gateway_sample(c.gateway_pid);
@@ -302,14 +319,13 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
             notify: Notify::new(),
             sent_bytes: sent_bytes.clone(),
         });
-        handles.push(tokio::spawn(push(
-            ws,
-            shared,
-            size,
-            args.window,
-            args.chunk as usize,
-            deadline,
-        )));
+        let chunk = args.chunk as usize;
+        handles.push(match ws {
+            MgmtConn::Ws(ws) => tokio::spawn(push(*ws, shared, size, args.window, chunk, deadline)),
+            MgmtConn::Lean(conn) => {
+                tokio::spawn(push_lean(*conn, shared, size, args.window, chunk, deadline))
+            }
+        });
     }
     let mut all: Vec<St> = Vec::new();
     for h in handles {
@@ -408,6 +424,7 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
             device_read_rate_mb_per_sec: args.device_read_rate,
             mgmt_connections: c.mgmt_conns,
             device_workers: workers,
+            wire: if lean { "lean" } else { "tungstenite" },
         },
     };
     eprintln!(
@@ -479,28 +496,8 @@ async fn push(
                     continue;
                 };
                 let mut streams = shared.streams.lock().expect("not poisoned");
-                let Some(s) = streams.iter_mut().find(|s| s.channel == e.channel) else {
+                if !book(&mut streams, &e) {
                     continue;
-                };
-                match e.kind {
-                    envelope::ACCEPT => {
-                        s.accepted = true;
-                        s.credit += accept_window(e.body).unwrap_or(0) as i64;
-                    }
-                    envelope::CREDIT => s.credit += i64::from(e.credit().unwrap_or(0)),
-                    envelope::CLOSE => {
-                        s.done = true;
-                        s.finished = Some(Instant::now());
-                        if let Some(code) = envelope::error_code(e.body) {
-                            s.error = Some(code);
-                        }
-                    }
-                    envelope::RESET => {
-                        s.done = true;
-                        s.finished = Some(Instant::now());
-                        s.error = Some(envelope::error_code(e.body).unwrap_or_default());
-                    }
-                    _ => continue,
                 }
                 let all_done = streams.iter().all(|s| s.done);
                 drop(streams);
@@ -513,7 +510,7 @@ async fn push(
             Ok::<_, anyhow::Error>(stream)
         })
     };
-    let pattern: Vec<u8> = (0..chunk).map(|i| (i % 251) as u8).collect();
+    let pattern = pattern(chunk);
     let opens: Vec<Vec<u8>> = {
         let mut streams = shared.streams.lock().expect("not poisoned");
         let now = Instant::now();
@@ -548,6 +545,7 @@ async fn push(
             &mut rr,
             chunk,
             &pattern,
+            &mut Bytes::from,
         );
         if finished || Instant::now() >= deadline {
             break;
@@ -593,6 +591,168 @@ async fn push(
     Ok(shared.streams.into_inner().expect("not poisoned"))
 }
 
+/// The data of every chunk.
+fn pattern(chunk: usize) -> Vec<u8> {
+    (0..chunk).map(|i| (i % 251) as u8).collect()
+}
+
+/// Books an `accept`, `credit`, `close` or `reset` from the gateway; `false` if it is none of
+/// these or for no stream of ours.
+fn book(streams: &mut [St], e: &Envelope<'_>) -> bool {
+    let Some(s) = streams.iter_mut().find(|s| s.channel == e.channel) else {
+        return false;
+    };
+    match e.kind {
+        envelope::ACCEPT => {
+            s.accepted = true;
+            s.credit += accept_window(e.body).unwrap_or(0) as i64;
+        }
+        envelope::CREDIT => s.credit += i64::from(e.credit().unwrap_or(0)),
+        envelope::CLOSE => {
+            s.done = true;
+            s.finished = Some(Instant::now());
+            if let Some(code) = envelope::error_code(e.body) {
+                s.error = Some(code);
+            }
+        }
+        envelope::RESET => {
+            s.done = true;
+            s.finished = Some(Instant::now());
+            s.error = Some(envelope::error_code(e.body).unwrap_or_default());
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// A management connection of either wire.
+enum MgmtConn {
+    Ws(Box<Ws>),
+    Lean(Box<LeanConn>),
+}
+
+/// A management connection on the lean wire: TLS with the management certificate, upgrade
+/// on `/usg/management`, the management `hello`.
+async fn connect_lean(ctx: &FleetContext) -> Result<LeanConn> {
+    let deadline = Instant::now() + ctx.handshake_timeout;
+    let what = |f: Failure| match f {
+        Failure::Error { kind, message } => {
+            anyhow::anyhow!("management connection to {}: {kind:?}: {message}", ctx.url)
+        }
+        Failure::Refused {
+            reason, message, ..
+        } => anyhow::anyhow!("management connection refused: {reason}: {message}"),
+    };
+    let (conn, hello) = LeanConn::connect(ctx, None, ctx.anonymous.clone(), 256 * 1024, deadline)
+        .await
+        .map_err(what)?;
+    crate::fleet::hello_in(hello, "management").map_err(what)?;
+    Ok(conn)
+}
+
+/// [`push`] on the lean wire: one task writes data as credit allows and books what the
+/// gateway sends, without a lock. A batch is sealed only when the previous one is written
+/// (the kernel's socket buffer keeps the gateway fed meanwhile).
+async fn push_lean(
+    mut conn: LeanConn,
+    shared: Arc<Shared>,
+    size: u64,
+    window: u32,
+    chunk: usize,
+    deadline: Instant,
+) -> Result<Vec<St>> {
+    let mut streams = std::mem::take(&mut *shared.streams.lock().expect("not poisoned"));
+    let pattern = pattern(chunk);
+    let now = Instant::now();
+    for s in &mut streams {
+        s.opened = Some(now);
+        let open = envelope::encode(
+            envelope::OPEN,
+            s.channel,
+            0,
+            &s.unit,
+            open_body(&s.unit, size, window).as_bytes(),
+        );
+        conn.send_frame(2, &open)?;
+    }
+    let mut rr = 0usize;
+    let mut refs: Vec<Bytes> = Vec::new();
+    loop {
+        // What the gateway sent: accepts, credit, closes, resets.
+        loop {
+            match conn.try_read() {
+                Ok(0) => bail!("the gateway closed the management connection"),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => bail!("management connection lost: {e}"),
+            }
+            while let Some(ev) = conn.next_event()? {
+                match ev {
+                    Event::Binary { head, .. } => {
+                        if let Some(e) = Envelope::parse(head) {
+                            book(&mut streams, &e);
+                        }
+                    }
+                    Event::Text(_) => {}
+                    Event::Closed(code) => {
+                        bail!("the gateway closed the management connection ({code:?})")
+                    }
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        // Nothing to send: no stream has credit (and the last batch is written).
+        let mut starved = false;
+        if conn.pending() == 0 {
+            let b = {
+                let conn = &mut conn;
+                next_batch(&mut streams, &mut rr, chunk, &pattern, &mut |m: Vec<u8>| {
+                    Bytes::from(crate::lean::client_frame(2, &m, conn.next_mask()))
+                })
+            };
+            if b.finished {
+                break;
+            }
+            starved = b.msgs.is_empty();
+            if !starved {
+                refs.clear();
+                refs.extend(b.msgs);
+                let frames: Vec<&[u8]> = refs.iter().map(|m| &m[..]).collect();
+                conn.send_frames(&frames)?;
+                shared.sent_bytes.fetch_add(b.data_bytes, Ordering::Relaxed);
+            }
+        }
+        let flushed = conn
+            .try_flush()
+            .context("sending on the management connection failed")?;
+        if flushed && !starved {
+            // Written: seal the next batch at once.
+            continue;
+        }
+        // The socket is full (wait until it takes more, or credit comes), or there is no
+        // credit (wait for it).
+        let wait = async {
+            if flushed {
+                conn.readable().await
+            } else {
+                tokio::select! {
+                    r = conn.readable() => r,
+                    w = conn.writable() => w,
+                }
+            }
+        };
+        match timeout_at(deadline, wait).await {
+            Ok(r) => r.context("management connection")?,
+            Err(_) => break,
+        }
+    }
+    let _ = conn.flush().await;
+    conn.close(Duration::from_secs(2)).await;
+    Ok(streams)
+}
+
 /// What the writer sends next.
 struct Batch {
     msgs: Vec<Bytes>,
@@ -605,8 +765,15 @@ struct Batch {
 
 /// Up to 16 envelopes: one data chunk per stream that has the credit for it (round-robin from
 /// `rr`), and the `close` of every accepted stream whose bytes are all sent. Never sends more
-/// than a stream's credit.
-fn next_batch(streams: &mut [St], rr: &mut usize, chunk: usize, pattern: &[u8]) -> Batch {
+/// than a stream's credit. `wire` turns an envelope into what is sent (the envelope itself
+/// for tungstenite, a masked frame on the lean wire); a full chunk is built once per stream.
+fn next_batch(
+    streams: &mut [St],
+    rr: &mut usize,
+    chunk: usize,
+    pattern: &[u8],
+    wire: &mut impl FnMut(Vec<u8>) -> Bytes,
+) -> Batch {
     let mut b = Batch {
         msgs: Vec::new(),
         data_bytes: 0,
@@ -630,7 +797,7 @@ fn next_batch(streams: &mut [St], rr: &mut usize, chunk: usize, pattern: &[u8]) 
         }
         if s.remaining == 0 {
             s.close_sent = true;
-            b.msgs.push(Bytes::from(envelope::encode(
+            b.msgs.push(wire(envelope::encode(
                 envelope::CLOSE,
                 s.channel,
                 0,
@@ -645,14 +812,17 @@ fn next_batch(streams: &mut [St], rr: &mut usize, chunk: usize, pattern: &[u8]) 
         }
         s.credit -= len as i64;
         s.remaining -= len;
-        let data = |len: usize| {
+        let mut data = |len: usize| {
             let mut msg = Vec::with_capacity(envelope::FIXED_HEADER + s.unit.len() + len);
             envelope::write_header(&mut msg, envelope::DATA, s.channel, 0, &s.unit);
             msg.extend_from_slice(&pattern[..len]);
-            Bytes::from(msg)
+            wire(msg)
         };
         let msg = if len as usize == chunk {
-            s.full_chunk.get_or_insert_with(|| data(chunk)).clone()
+            match &s.full_chunk {
+                Some(m) => m.clone(),
+                None => s.full_chunk.insert(data(chunk)).clone(),
+            }
         } else {
             data(len as usize)
         };
@@ -703,12 +873,12 @@ mod tests {
         let mut streams = vec![stream(1, 40_000), stream(2, 100_000)];
         let mut rr = 0;
         // Nothing before accept.
-        let b = next_batch(&mut streams, &mut rr, 16384, &pattern);
+        let b = next_batch(&mut streams, &mut rr, 16384, &pattern, &mut Bytes::from);
         assert!(b.msgs.is_empty() && b.waiting && !b.finished);
         // Stream 1: accepted with a 20,000-byte window: one chunk fits, a second does not.
         streams[0].accepted = true;
         streams[0].credit = 20_000;
-        let b = next_batch(&mut streams, &mut rr, 16384, &pattern);
+        let b = next_batch(&mut streams, &mut rr, 16384, &pattern, &mut Bytes::from);
         assert_eq!((b.msgs.len(), b.data_bytes), (1, 16384));
         let e = Envelope::parse(&b.msgs[0]).unwrap();
         assert_eq!(
@@ -716,7 +886,7 @@ mod tests {
             (envelope::DATA, 1, "lt-000001", 16384)
         );
         assert!(
-            next_batch(&mut streams, &mut rr, 16384, &pattern)
+            next_batch(&mut streams, &mut rr, 16384, &pattern, &mut Bytes::from)
                 .msgs
                 .is_empty()
         );
@@ -725,7 +895,7 @@ mod tests {
         let mut sent = 0;
         let mut closed = false;
         for _ in 0..5 {
-            for m in next_batch(&mut streams, &mut rr, 16384, &pattern).msgs {
+            for m in next_batch(&mut streams, &mut rr, 16384, &pattern, &mut Bytes::from).msgs {
                 let e = Envelope::parse(&m).unwrap();
                 match e.kind {
                     envelope::DATA => sent += e.body.len(),
@@ -740,7 +910,7 @@ mod tests {
         // Both streams over: finished.
         streams[0].done = true;
         streams[1].done = true;
-        assert!(next_batch(&mut streams, &mut rr, 16384, &pattern).finished);
+        assert!(next_batch(&mut streams, &mut rr, 16384, &pattern, &mut Bytes::from).finished);
     }
 
     #[test]

@@ -68,6 +68,20 @@ impl Target {
         })
     }
 
+    /// `host[:port]` as the `Host:` header wants it: IPv6 in brackets, the port only when it
+    /// is not the scheme's default.
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match (self.secure, self.port) {
+            (true, 443) | (false, 80) => host,
+            (_, port) => format!("{host}:{port}"),
+        }
+    }
+
     /// Resolves the host, preferring IPv4 (the source-address ranges are IPv4).
     pub fn resolve(&self) -> Result<SocketAddr> {
         if let Ok(ip) = self.host.parse::<IpAddr>() {
