@@ -34,6 +34,7 @@ mod summary;
 mod sys;
 mod target;
 mod tls;
+mod wakeup;
 mod wire;
 mod worker;
 

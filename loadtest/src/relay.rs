@@ -74,6 +74,9 @@ pub struct RelaySummary {
     /// The gateway's own time per request or response during the measurement (its
     /// `fleetgate_relay_latency_seconds`; absent for servers without it).
     pub gateway_hops: Option<crate::gateway_hops::HopFigures>,
+    /// How late a thread that only sleeps 1 ms at a time woke during the measurement: the
+    /// machine's own floor under every wake-up of a round trip (`wakeup.rs`).
+    pub wakeup_probe: crate::wakeup::WakeupFigures,
     pub gateway: GatewayFigures,
     pub generator: GeneratorFigures,
     /// Busy CPU of the whole machine during the measurement (from /proc/stat), in cores.
@@ -278,6 +281,7 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
             .then(|| (ctx.anonymous.clone(), ctx.server_name.clone()));
         crate::gateway_hops::snapshot(ctx.addr, tls)
     };
+    let probe = crate::wakeup::start(measure.into_std(), end.into_std());
     sleep_until(measure).await;
     let hops0 = hops_at(&mctx).await;
     let g0 = mgmt::gateway_sample(c.gateway_pid).0;
@@ -349,6 +353,7 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
         gateway_hops: hops0
             .zip(hops1)
             .and_then(|(a, b)| crate::gateway_hops::figures(&a, &b)),
+        wakeup_probe: probe.join().unwrap_or_default(),
         requests: figures,
         gateway: GatewayFigures {
             pid: c.gateway_pid,
@@ -582,6 +587,12 @@ fn print_human(s: &RelaySummary) {
             h.hops, h.p50_le_ms, h.p90_le_ms, h.p99_le_ms, h.p999_le_ms, h.mean_ms
         );
     }
+    let w = &s.wakeup_probe;
+    eprintln!(
+        "relay: the machine's wake-up lateness (a thread sleeping 1 ms, {} samples): p50 {} ms, \
+         p99 {} ms, p99.9 {} ms, max {} ms; {} wake-ups over 2 ms late, {} ms lost in them",
+        w.samples, w.p50_ms, w.p99_ms, w.p999_ms, w.max_ms, w.late_over_2ms, w.lost_in_those_ms
+    );
     eprintln!(
         "relay: gateway CPU {:?} cores, RSS {:?} → {:?} → {:?} bytes; generator {} cores; \
          machine busy {:?} cores; max send lag {} ms",

@@ -215,6 +215,9 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
     )?;
     mctx.ws_config = mgmt::mgmt_ws_config();
     let lean = !args.tungstenite;
+    if lean && c.tls == crate::tls::TlsVersions::Tls12 {
+        bail!("the lean wire speaks TLS 1.3 only: add --tungstenite for --tls 1.2");
+    }
     if lean {
         crate::lean::enable(&mut mctx);
     }
