@@ -184,14 +184,7 @@ pub fn mgmt_credential(cert: &Path, key: &Path) -> Result<Arc<rustls::sign::Cert
 /// `/usg/management`, the management `hello`.
 pub async fn connect_management(ctx: &FleetContext) -> Result<Ws> {
     let deadline = Instant::now() + ctx.handshake_timeout;
-    let what = |f: Failure| match f {
-        Failure::Error { kind, message } => {
-            anyhow::anyhow!("management connection to {}: {kind:?}: {message}", ctx.url)
-        }
-        Failure::Refused {
-            reason, message, ..
-        } => anyhow::anyhow!("management connection refused: {reason}: {message}"),
-    };
+    let what = |f| mgmt_error(ctx, f);
     let mut ws = fleet::open(ctx, None, ctx.anonymous.clone(), deadline)
         .await
         .map_err(what)?;
@@ -199,6 +192,30 @@ pub async fn connect_management(ctx: &FleetContext) -> Result<Ws> {
         .await
         .map_err(what)?;
     Ok(ws)
+}
+
+/// [`connect_management`] on the lean wire (`lean.rs`; `ctx` passed through
+/// [`crate::lean::enable`]).
+pub async fn connect_management_lean(ctx: &FleetContext) -> Result<crate::lean::LeanConn> {
+    let deadline = Instant::now() + ctx.handshake_timeout;
+    let what = |f| mgmt_error(ctx, f);
+    let (conn, hello) =
+        crate::lean::LeanConn::connect(ctx, None, ctx.anonymous.clone(), 256 * 1024, deadline)
+            .await
+            .map_err(what)?;
+    fleet::hello_in(hello, "management").map_err(what)?;
+    Ok(conn)
+}
+
+fn mgmt_error(ctx: &FleetContext, f: Failure) -> anyhow::Error {
+    match f {
+        Failure::Error { kind, message } => {
+            anyhow::anyhow!("management connection to {}: {kind:?}: {message}", ctx.url)
+        }
+        Failure::Refused {
+            reason, message, ..
+        } => anyhow::anyhow!("management connection refused: {reason}: {message}"),
+    }
 }
 
 /// The WebSocket settings of a management connection: large buffers (it carries the load of

@@ -18,7 +18,7 @@ use tokio::time::{Instant, timeout_at};
 use tokio_tungstenite::tungstenite::{Bytes, Message as WsMessage};
 
 use crate::envelope::{self, Envelope};
-use crate::fleet::{Failure, FleetContext, Ws};
+use crate::fleet::Ws;
 use crate::lean::{Event, LeanConn};
 use crate::mgmt::{self, DevicePlan, DevicePool, RelayCommon};
 use crate::plan::parse_secs;
@@ -255,7 +255,7 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
     let mut conns = Vec::new();
     for _ in 0..c.mgmt_conns {
         conns.push(if lean {
-            MgmtConn::Lean(Box::new(connect_lean(&mctx).await?))
+            MgmtConn::Lean(Box::new(mgmt::connect_management_lean(&mctx).await?))
         } else {
             MgmtConn::Ws(Box::new(mgmt::connect_management(&mctx).await?))
         });
@@ -322,12 +322,15 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
             notify: Notify::new(),
             sent_bytes: sent_bytes.clone(),
         });
-        let chunk = args.chunk as usize;
+        let plan = Plan {
+            size,
+            window: args.window,
+            chunk: args.chunk as usize,
+            deadline,
+        };
         handles.push(match ws {
-            MgmtConn::Ws(ws) => tokio::spawn(push(*ws, shared, size, args.window, chunk, deadline)),
-            MgmtConn::Lean(conn) => {
-                tokio::spawn(push_lean(*conn, shared, size, args.window, chunk, deadline))
-            }
+            MgmtConn::Ws(ws) => tokio::spawn(push(*ws, shared, plan)),
+            MgmtConn::Lean(conn) => tokio::spawn(push_lean(*conn, shared, plan)),
         });
     }
     let mut all: Vec<St> = Vec::new();
@@ -473,14 +476,8 @@ pub fn open_body(unit: &str, size: u64, window: u32) -> String {
 /// Pushes every stream of one management connection: a writer that sends data as credit
 /// allows (round-robin over the streams, one chunk each per turn), a reader that books
 /// accepts, credit, closes and resets.
-async fn push(
-    ws: Ws,
-    shared: Arc<Shared>,
-    size: u64,
-    window: u32,
-    chunk: usize,
-    deadline: Instant,
-) -> Result<Vec<St>> {
+async fn push(ws: Ws, shared: Arc<Shared>, plan: Plan) -> Result<Vec<St>> {
+    let (size, window, chunk, deadline) = (plan.size, plan.window, plan.chunk, plan.deadline);
     let (mut sink, mut stream) = ws.split();
     let reader = {
         let shared = shared.clone();
@@ -628,42 +625,27 @@ fn book(streams: &mut [St], e: &Envelope<'_>) -> bool {
     true
 }
 
+/// What each management connection pushes: `size` bytes per stream in data envelopes of
+/// `chunk` bytes, with `window` granted for the device's direction, until `deadline`.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    size: u64,
+    window: u32,
+    chunk: usize,
+    deadline: Instant,
+}
+
 /// A management connection of either wire.
 enum MgmtConn {
     Ws(Box<Ws>),
     Lean(Box<LeanConn>),
 }
 
-/// A management connection on the lean wire: TLS with the management certificate, upgrade
-/// on `/usg/management`, the management `hello`.
-async fn connect_lean(ctx: &FleetContext) -> Result<LeanConn> {
-    let deadline = Instant::now() + ctx.handshake_timeout;
-    let what = |f: Failure| match f {
-        Failure::Error { kind, message } => {
-            anyhow::anyhow!("management connection to {}: {kind:?}: {message}", ctx.url)
-        }
-        Failure::Refused {
-            reason, message, ..
-        } => anyhow::anyhow!("management connection refused: {reason}: {message}"),
-    };
-    let (conn, hello) = LeanConn::connect(ctx, None, ctx.anonymous.clone(), 256 * 1024, deadline)
-        .await
-        .map_err(what)?;
-    crate::fleet::hello_in(hello, "management").map_err(what)?;
-    Ok(conn)
-}
-
 /// [`push`] on the lean wire: one task writes data as credit allows and books what the
 /// gateway sends, without a lock. A batch is sealed only when the previous one is written
 /// (the kernel's socket buffer keeps the gateway fed meanwhile).
-async fn push_lean(
-    mut conn: LeanConn,
-    shared: Arc<Shared>,
-    size: u64,
-    window: u32,
-    chunk: usize,
-    deadline: Instant,
-) -> Result<Vec<St>> {
+async fn push_lean(mut conn: LeanConn, shared: Arc<Shared>, plan: Plan) -> Result<Vec<St>> {
+    let (size, window, chunk, deadline) = (plan.size, plan.window, plan.chunk, plan.deadline);
     let mut streams = std::mem::take(&mut *shared.streams.lock().expect("not poisoned"));
     let pattern = pattern(chunk);
     let now = Instant::now();
