@@ -98,11 +98,33 @@ pub struct ShardStats {
     pub budget_pauses: AtomicU64,
     /// Errors by kind.
     pub errors: [AtomicU64; 11],
-    /// Requests and responses by time inside the gateway, [`RELAY_LATENCY_BUCKETS_US`]
-    /// (the last is +Inf).
-    pub relay_latency: [AtomicU64; RELAY_LATENCY_BUCKETS_US.len() + 1],
-    /// Sum of those times, nanoseconds.
-    pub relay_latency_ns: AtomicU64,
+    /// Requests and responses by time inside the gateway.
+    pub relay_latency: LatencyHistogram,
+    /// Stream control messages (open, accept, credit, close, reset) by time inside the
+    /// gateway: do they overtake bulk data (`docs/protocol.md` §6.7)?
+    pub stream_control_latency: LatencyHistogram,
+}
+
+/// Time inside the gateway by [`RELAY_LATENCY_BUCKETS_US`] (the last is +Inf), and the sum.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    pub buckets: [AtomicU64; RELAY_LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of the times, nanoseconds.
+    pub sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Counts one message that spent `elapsed` inside the gateway.
+    pub fn record(&self, elapsed: std::time::Duration) {
+        let us = elapsed.as_micros() as u64;
+        let i = RELAY_LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(RELAY_LATENCY_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
 }
 
 /// Upper bounds of the relay-latency histogram, microseconds.
@@ -114,18 +136,6 @@ impl ShardStats {
     /// Adds 1 to a counter.
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts one request or response that spent `elapsed` inside the gateway.
-    pub fn relay_latency(&self, elapsed: std::time::Duration) {
-        let us = elapsed.as_micros() as u64;
-        let i = RELAY_LATENCY_BUCKETS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(RELAY_LATENCY_BUCKETS_US.len());
-        self.relay_latency[i].fetch_add(1, Ordering::Relaxed);
-        self.relay_latency_ns
-            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Adds `n` to a counter.
@@ -154,6 +164,30 @@ pub fn total(shards: &[ShardStats], f: impl Fn(&ShardStats) -> &AtomicU64) -> u6
 }
 
 /// Renders all shards' counters plus process-wide facts in the Prometheus text format.
+/// One histogram of [`LatencyHistogram`]s, summed over the shards.
+fn histogram(
+    o: &mut String,
+    name: &str,
+    help: &str,
+    shards: &[ShardStats],
+    h: impl Fn(&ShardStats) -> &LatencyHistogram,
+) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (i, le) in RELAY_LATENCY_BUCKETS_US
+        .iter()
+        .map(|us| format!("{}", *us as f64 / 1e6))
+        .chain(std::iter::once("+Inf".to_string()))
+        .enumerate()
+    {
+        cumulative += shards.iter().map(|s| get(&h(s).buckets[i])).sum::<u64>();
+        let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+    }
+    let sum_ns: u64 = shards.iter().map(|s| get(&h(s).sum_ns)).sum();
+    let _ = writeln!(o, "{name}_sum {}", sum_ns as f64 / 1e9);
+    let _ = writeln!(o, "{name}_count {cumulative}");
+}
+
 pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u64>) -> String {
     let mut o = String::with_capacity(4096);
     let per_shard: [Field; 5] = [
@@ -268,24 +302,20 @@ pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u
             total(shards, f)
         );
     }
-    let name = "fleetgate_relay_latency_seconds";
-    let _ = writeln!(
-        o,
-        "# HELP {name} Requests and responses: from the shard taking the received bytes to the envelope encrypted for its receiver (across shards included).\n# TYPE {name} histogram"
+    histogram(
+        &mut o,
+        "fleetgate_relay_latency_seconds",
+        "Requests and responses: from the shard taking the received bytes to the envelope encrypted for its receiver (across shards included).",
+        shards,
+        |s| &s.relay_latency,
     );
-    let mut cumulative = 0;
-    for (i, le) in RELAY_LATENCY_BUCKETS_US
-        .iter()
-        .map(|us| format!("{}", *us as f64 / 1e6))
-        .chain(std::iter::once("+Inf".to_string()))
-        .enumerate()
-    {
-        cumulative += shards.iter().map(|s| get(&s.relay_latency[i])).sum::<u64>();
-        let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-    }
-    let sum_ns: u64 = shards.iter().map(|s| get(&s.relay_latency_ns)).sum();
-    let _ = writeln!(o, "{name}_sum {}", sum_ns as f64 / 1e9);
-    let _ = writeln!(o, "{name}_count {cumulative}");
+    histogram(
+        &mut o,
+        "fleetgate_stream_control_latency_seconds",
+        "Stream control messages (open, accept, credit, close, reset), measured as fleetgate_relay_latency_seconds: the control lane's time under bulk data.",
+        shards,
+        |s| &s.stream_control_latency,
+    );
     let name = "fleetgate_tls_resumptions_total";
     let _ = writeln!(
         o,

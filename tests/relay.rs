@@ -55,6 +55,27 @@ fn serve_one(dev: &mut mgmt::Ws) -> Env {
     req
 }
 
+/// `GET /metrics` over TLS with curl.
+fn metrics(gw: &Gateway) -> String {
+    let (ok, metrics, _) = common::run(
+        Command::new("curl")
+            .args(["-s", "--cacert"])
+            .arg(gw.root_pem())
+            .arg(format!("https://localhost:{}/metrics", gw.port())),
+    );
+    assert!(ok);
+    metrics
+}
+
+/// The value of the first metric line starting with `prefix`.
+fn value(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+}
+
 #[test]
 fn requests_responses_and_events_between_management_and_devices() {
     for driver in DRIVERS {
@@ -230,6 +251,26 @@ fn streams_relay_with_credit_and_a_gone_peer_is_reset() {
         (back.kind, back.unit.as_str(), back.body.as_slice()),
         (mgmt::DATA, "PC-9", &b"RFB 003.008\n"[..])
     );
+    // The stream's control messages (open, accept, credit) were timed inside the gateway,
+    // in their own histogram; data is not timed, and there was no request.
+    let m_text = metrics(&gw);
+    assert_eq!(
+        value(&m_text, "fleetgate_stream_control_latency_seconds_count "),
+        3.0,
+        "{m_text}"
+    );
+    assert_eq!(
+        value(
+            &m_text,
+            "fleetgate_stream_control_latency_seconds_bucket{le=\"+Inf\"}"
+        ),
+        3.0
+    );
+    assert!(value(&m_text, "fleetgate_stream_control_latency_seconds_sum ") > 0.0);
+    assert_eq!(
+        value(&m_text, "fleetgate_relay_latency_seconds_count "),
+        0.0
+    );
     // An envelope above the size limit closes the sender's connection with 1009.
     // (Tested on a throwaway connection below.)
 
@@ -305,13 +346,7 @@ fn devices_on_every_shard_are_reached_and_answers_go_to_the_asker() {
         assert!(stray.is_none(), "{stray:?}");
     }
     assert_eq!(ids.len(), 12);
-    let (ok, metrics, _) = common::run(
-        Command::new("curl")
-            .args(["-s", "--cacert"])
-            .arg(gw.root_pem())
-            .arg(format!("https://localhost:{}/metrics", gw.port())),
-    );
-    assert!(ok);
+    let metrics = metrics(&gw);
     let shards_with_devices = metrics
         .lines()
         .filter(|l| l.starts_with("fleetgate_devices_connected{") && !l.ends_with(" 0"))
@@ -322,13 +357,7 @@ fn devices_on_every_shard_are_reached_and_answers_go_to_the_asker() {
     );
     // Every request and every response was timed inside the gateway: 12 of each, in a
     // well-formed histogram (cumulative buckets ending in +Inf = count).
-    let value = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
-    };
+    let value = |prefix: &str| value(&metrics, prefix);
     let count = value("fleetgate_relay_latency_seconds_count ");
     assert_eq!(count, 24.0, "{metrics}");
     assert_eq!(

@@ -1,6 +1,8 @@
 //! The gateway's own share of a round trip: its `fleetgate_relay_latency_seconds` histogram
 //! (`GET /metrics`), read before and after the measurement, so a run can tell the time spent
-//! inside the gateway apart from the network's and the generator's.
+//! inside the gateway apart from the network's and the generator's. The bulk scenario reads
+//! `fleetgate_stream_control_latency_seconds` the same way: how long credit (and the other
+//! stream control messages) spent inside the gateway while data flowed.
 
 use std::sync::Arc;
 
@@ -11,7 +13,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-const METRIC: &str = "fleetgate_relay_latency_seconds";
+/// Requests and responses.
+pub const RELAY: &str = "fleetgate_relay_latency_seconds";
+/// Stream control messages: open, accept, credit, close, reset.
+pub const STREAM_CONTROL: &str = "fleetgate_stream_control_latency_seconds";
 
 /// Cumulative counts by upper bound (seconds; +Inf as infinity) and the sum, as `/metrics`
 /// shows them.
@@ -33,10 +38,12 @@ pub struct HopFigures {
     pub p999_le_ms: f64,
 }
 
-/// Reads the histogram; `None` if the server has no such metric (not fleetgate, or older).
+/// Reads the histogram `metric`; `None` if the server has no such metric (not fleetgate, or
+/// older).
 pub async fn snapshot(
     addr: std::net::SocketAddr,
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    metric: &str,
 ) -> Option<Snapshot> {
     let tcp = TcpStream::connect(addr).await.ok()?;
     let request = b"GET /metrics HTTP/1.1\r\nHost: fleetgate\r\nConnection: close\r\n\r\n";
@@ -54,14 +61,14 @@ pub async fn snapshot(
             let _ = s.read_to_end(&mut text).await;
         }
     }
-    parse(&String::from_utf8_lossy(&text))
+    parse(&String::from_utf8_lossy(&text), metric)
 }
 
-pub fn parse(text: &str) -> Option<Snapshot> {
+pub fn parse(text: &str, metric: &str) -> Option<Snapshot> {
     let mut buckets = Vec::new();
     let mut sum_secs = None;
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix(METRIC) else {
+        let Some(rest) = line.strip_prefix(metric) else {
             continue;
         };
         let value = line.rsplit(' ').next()?;
@@ -124,17 +131,17 @@ mod tests {
         let bounds = ["0.00001", "0.0001", "0.001", "+Inf"];
         let mut t = String::from("# TYPE fleetgate_relay_latency_seconds histogram\n");
         for (b, c) in bounds.iter().zip(counts) {
-            t += &format!("{METRIC}_bucket{{le=\"{b}\"}} {c}\n");
+            t += &format!("{RELAY}_bucket{{le=\"{b}\"}} {c}\n");
         }
-        t += &format!("{METRIC}_sum {sum}\n{METRIC}_count {}\n", counts[3]);
+        t += &format!("{RELAY}_sum {sum}\n{RELAY}_count {}\n", counts[3]);
         t
     }
 
     #[test]
     fn quantiles_are_bucket_bounds_of_the_difference() {
-        let before = parse(&text(&[10, 10, 10, 10], 0.001)).unwrap();
+        let before = parse(&text(&[10, 10, 10, 10], 0.001), RELAY).unwrap();
         // 1000 new hops: 500 ≤ 10 µs, 400 more ≤ 100 µs, 95 more ≤ 1 ms, 5 beyond.
-        let after = parse(&text(&[510, 910, 1005, 1010], 0.101)).unwrap();
+        let after = parse(&text(&[510, 910, 1005, 1010], 0.101), RELAY).unwrap();
         let f = figures(&before, &after).unwrap();
         assert_eq!(f.hops, 1000);
         assert_eq!((f.p50_le_ms, f.p90_le_ms, f.p99_le_ms), (0.01, 0.1, 1.0));
@@ -144,8 +151,10 @@ mod tests {
 
     #[test]
     fn no_metric_no_figures() {
-        assert!(parse("fleetgate_accepted_total 3\n").is_none());
-        let s = parse(&text(&[1, 2, 3, 4], 0.0)).unwrap();
+        assert!(parse("fleetgate_accepted_total 3\n", RELAY).is_none());
+        // The other histogram of the same shape is not this one.
+        assert!(parse(&text(&[1, 2, 3, 4], 0.0), STREAM_CONTROL).is_none());
+        let s = parse(&text(&[1, 2, 3, 4], 0.0), RELAY).unwrap();
         assert!(figures(&s, &s).is_none(), "no hops in between");
     }
 }

@@ -279,7 +279,7 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
             .url
             .starts_with("wss:")
             .then(|| (ctx.anonymous.clone(), ctx.server_name.clone()));
-        crate::gateway_hops::snapshot(ctx.addr, tls)
+        crate::gateway_hops::snapshot(ctx.addr, tls, crate::gateway_hops::RELAY)
     };
     let probe = crate::wakeup::start(measure.into_std(), end.into_std());
     sleep_until(measure).await;

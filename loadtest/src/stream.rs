@@ -86,6 +86,9 @@ pub struct StreamSummary {
     pub gateway: StreamGateway,
     pub generator_cpu_cores: f64,
     pub machine_busy_cores: Option<f64>,
+    /// The gateway's own time per stream control message (credit, accept, close) during the
+    /// transfer (`fleetgate_stream_control_latency_seconds`; absent for other servers).
+    pub gateway_stream_control: Option<crate::gateway_hops::HopFigures>,
     pub devices: DeviceStats,
     pub setup: StreamSetup,
 }
@@ -261,6 +264,14 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
         });
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let control_at = || {
+        let tls = mctx
+            .url
+            .starts_with("wss:")
+            .then(|| (mctx.anonymous.clone(), mctx.server_name.clone()));
+        crate::gateway_hops::snapshot(mctx.addr, tls, crate::gateway_hops::STREAM_CONTROL)
+    };
+    let control0 = control_at().await;
     let (g0, rss_before) = mgmt::gateway_sample(c.gateway_pid);
     let (w0, m0, busy0) = (
         pool.cpu_secs(),
@@ -339,6 +350,7 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
     }
     let transfer_end = Instant::now();
     let (g1, _) = mgmt::gateway_sample(c.gateway_pid);
+    let control1 = control_at().await;
     let (w1, m1, busy1) = (
         pool.cpu_secs(),
         crate::sys::own_cpu_secs(),
@@ -422,6 +434,9 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
         },
         generator_cpu_cores: round2(((w1 - w0) + (m1 - m0)) / transfer_secs),
         machine_busy_cores: busy_cores(busy0, busy1),
+        gateway_stream_control: control0
+            .zip(control1)
+            .and_then(|(a, b)| crate::gateway_hops::figures(&a, &b)),
         devices: pool.stats.clone(),
         setup: StreamSetup {
             url: c.url.clone(),
@@ -451,6 +466,13 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
         s.generator_cpu_cores,
         s.machine_busy_cores
     );
+    if let Some(h) = &s.gateway_stream_control {
+        eprintln!(
+            "stream: inside the gateway, per stream control message ({} of them: credit, \
+             accept, close): p50 ≤ {} ms, p90 ≤ {} ms, p99 ≤ {} ms, p99.9 ≤ {} ms, mean {} ms",
+            h.hops, h.p50_le_ms, h.p90_le_ms, h.p99_le_ms, h.p999_le_ms, h.mean_ms
+        );
+    }
     let json = serde_json::to_string_pretty(&s)?;
     println!("{json}");
     if let Some(path) = &c.json {

@@ -451,8 +451,14 @@ impl<D: Driver> Shard<D> {
             self.pool.give(env);
         }
         ShardStats::inc(&self.stats().relay_out);
-        if let (Some(t), Kind::Request | Kind::Response) = (received, f.kind) {
-            self.stats().relay_latency(t.elapsed());
+        if let Some(t) = received {
+            match f.kind {
+                Kind::Request | Kind::Response => self.stats().relay_latency.record(t.elapsed()),
+                Kind::Open | Kind::Accept | Kind::Credit | Kind::Close | Kind::Reset => {
+                    self.stats().stream_control_latency.record(t.elapsed())
+                }
+                Kind::Data | Kind::Event => {}
+            }
         }
         self.act(slot);
     }
