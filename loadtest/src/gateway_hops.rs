@@ -45,6 +45,14 @@ pub async fn snapshot(
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     metric: &str,
 ) -> Option<Snapshot> {
+    parse(&fetch(addr, tls).await?, metric)
+}
+
+/// `GET /metrics`: the whole answer (headers included), or `None` if it could not be had.
+pub async fn fetch(
+    addr: std::net::SocketAddr,
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+) -> Option<String> {
     let tcp = TcpStream::connect(addr).await.ok()?;
     let request = b"GET /metrics HTTP/1.1\r\nHost: fleetgate\r\nConnection: close\r\n\r\n";
     let mut text = Vec::new();
@@ -61,7 +69,34 @@ pub async fn snapshot(
             let _ = s.read_to_end(&mut text).await;
         }
     }
-    parse(&String::from_utf8_lossy(&text), metric)
+    Some(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// Where the connections are: per shard, in shard order, the values of the gauges
+/// `fleetgate_devices_connected{shard}` and `fleetgate_management_connected{shard}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Placement {
+    pub devices_per_shard: Vec<u64>,
+    pub management_per_shard: Vec<u64>,
+}
+
+pub fn placement(text: &str) -> Placement {
+    let per_shard = |name: &str| -> Vec<u64> {
+        let mut v: Vec<(u64, u64)> = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?.strip_prefix("{shard=\"")?;
+                let (shard, value) = rest.split_once("\"} ")?;
+                Some((shard.parse().ok()?, value.trim().parse().ok()?))
+            })
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, n)| n).collect()
+    };
+    Placement {
+        devices_per_shard: per_shard("fleetgate_devices_connected"),
+        management_per_shard: per_shard("fleetgate_management_connected"),
+    }
 }
 
 pub fn parse(text: &str, metric: &str) -> Option<Snapshot> {
@@ -147,6 +182,23 @@ mod tests {
         assert_eq!((f.p50_le_ms, f.p90_le_ms, f.p99_le_ms), (0.01, 0.1, 1.0));
         assert!(f.p999_le_ms.is_infinite());
         assert_eq!(f.mean_ms, 0.1);
+    }
+
+    #[test]
+    fn placement_by_shard() {
+        let t = "fleetgate_devices_connected{shard=\"1\"} 7\n\
+                 fleetgate_devices_connected{shard=\"0\"} 9\n\
+                 fleetgate_management_connected{shard=\"0\"} 0\n\
+                 fleetgate_management_connected{shard=\"1\"} 1\n\
+                 fleetgate_devices_connected_total 3\n";
+        assert_eq!(
+            placement(t),
+            Placement {
+                devices_per_shard: vec![9, 7],
+                management_per_shard: vec![0, 1],
+            }
+        );
+        assert_eq!(placement(""), Placement::default());
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub struct StreamSummary {
     /// The gateway's own time per stream control message (credit, accept, close) during the
     /// transfer (`fleetgate_stream_control_latency_seconds`; absent for other servers).
     pub gateway_stream_control: Option<crate::gateway_hops::HopFigures>,
+    /// fleetgate only: devices and management connections per shard during the transfer
+    /// (throughput here depends on it).
+    pub gateway_placement: Option<crate::gateway_hops::Placement>,
     pub devices: DeviceStats,
     pub setup: StreamSetup,
 }
@@ -264,14 +267,18 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
         });
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let control_at = || {
-        let tls = mctx
-            .url
+    let tls = || {
+        mctx.url
             .starts_with("wss:")
-            .then(|| (mctx.anonymous.clone(), mctx.server_name.clone()));
-        crate::gateway_hops::snapshot(mctx.addr, tls, crate::gateway_hops::STREAM_CONTROL)
+            .then(|| (mctx.anonymous.clone(), mctx.server_name.clone()))
     };
+    let control_at =
+        || crate::gateway_hops::snapshot(mctx.addr, tls(), crate::gateway_hops::STREAM_CONTROL);
     let control0 = control_at().await;
+    let placement = crate::gateway_hops::fetch(mctx.addr, tls())
+        .await
+        .map(|t| crate::gateway_hops::placement(&t))
+        .filter(|p| !p.devices_per_shard.is_empty());
     let (g0, rss_before) = mgmt::gateway_sample(c.gateway_pid);
     let (w0, m0, busy0) = (
         pool.cpu_secs(),
@@ -437,6 +444,7 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
         gateway_stream_control: control0
             .zip(control1)
             .and_then(|(a, b)| crate::gateway_hops::figures(&a, &b)),
+        gateway_placement: placement,
         devices: pool.stats.clone(),
         setup: StreamSetup {
             url: c.url.clone(),
@@ -466,6 +474,13 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
         s.generator_cpu_cores,
         s.machine_busy_cores
     );
+    if let Some(p) = &s.gateway_placement {
+        eprintln!(
+            "stream: gateway placement: devices per shard {:?}, management connections per \
+             shard {:?}",
+            p.devices_per_shard, p.management_per_shard
+        );
+    }
     if let Some(h) = &s.gateway_stream_control {
         eprintln!(
             "stream: inside the gateway, per stream control message ({} of them: credit, \

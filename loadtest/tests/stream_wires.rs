@@ -134,6 +134,21 @@ fn every_byte_arrives_on_the_lean_wire_and_on_tungstenite() {
         assert_eq!(devices["streams_closed"], 3, "{s:#}");
         assert_eq!(devices["unexpected"], 0, "{s:#}");
         assert_eq!(devices["lost"], 0, "{s:#}");
+        // The gateway's own figures: where the connections were, how long credit took.
+        let sum = |v: &serde_json::Value| -> u64 {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_u64().unwrap())
+                .sum()
+        };
+        let placement = &s["gateway_placement"];
+        assert_eq!(sum(&placement["devices_per_shard"]), 3, "{s:#}");
+        assert_eq!(sum(&placement["management_per_shard"]), 1, "{s:#}");
+        assert!(
+            s["gateway_stream_control"]["hops"].as_u64().unwrap() >= 3 * 76,
+            "{s:#}"
+        );
         // Credit each half window: at least 2,500,000 / 32,768 grants per stream.
         assert!(devices["credits"].as_u64().unwrap() >= 3 * 76, "{s:#}");
     }
