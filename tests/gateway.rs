@@ -99,23 +99,30 @@ both_drivers!(check_status_and_metrics_over_curl, |driver| {
     assert_eq!(code, "405");
 });
 
+/// The `openssl s_client` command line to the gateway, verifying its certificate against the
+/// root, with `extra` arguments.
+fn s_client_command(gw: &Gateway, extra: &[&str]) -> Command {
+    let mut c = Command::new("openssl");
+    c.args([
+        "s_client",
+        "-connect",
+        &gw.addr.to_string(),
+        "-servername",
+        "localhost",
+    ])
+    .args([
+        "-CAfile",
+        gw.root_pem().to_str().unwrap(),
+        "-verify_return_error",
+    ])
+    .args(extra);
+    c
+}
+
 /// `openssl s_client` to the gateway (verifying its certificate against the root), with
 /// `extra` arguments and all three standard streams piped.
 fn s_client(gw: &Gateway, extra: &[&str]) -> std::process::Child {
-    Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &gw.addr.to_string(),
-            "-servername",
-            "localhost",
-        ])
-        .args([
-            "-CAfile",
-            gw.root_pem().to_str().unwrap(),
-            "-verify_return_error",
-        ])
-        .args(extra)
+    s_client_command(gw, extra)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -524,24 +531,21 @@ both_drivers!(tls_sessions_resume_with_tickets, |driver| {
     for v in ["-tls1_2", "-tls1_3"] {
         let mut out = String::new();
         for (i, flag) in ["-sess_out", "-sess_in"].iter().enumerate() {
-            let o = Command::new("openssl")
-                .args([
-                    "s_client",
-                    "-connect",
-                    &gw.addr.to_string(),
-                    "-servername",
-                    "localhost",
+            let o = s_client_command(
+                &gw,
+                &[
                     v,
-                    "-CAfile",
-                    gw.root_pem().to_str().unwrap(),
                     // Wait for the server to close (after the response): a TLS 1.3 ticket
                     // arrives after the handshake, and s_client must still be reading.
                     "-ign_eof",
                     flag,
                     sess.to_str().unwrap(),
-                ])
-                .stdin(std::process::Stdio::piped())
-                .output_with_input(b"GET /usg/check-status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+                ],
+            )
+            .stdin(std::process::Stdio::piped())
+            .output_with_input(
+                b"GET /usg/check-status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            );
             if i == 1 {
                 out = o;
             }

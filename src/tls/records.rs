@@ -499,6 +499,18 @@ mod tests {
         peer_closed: bool,
     }
 
+    /// AES-128-GCM under TLS 1.3 and under TLS 1.2.
+    const AES128_GCM_BOTH_VERSIONS: [(&rustls::SupportedProtocolVersion, CipherSuite); 2] = [
+        (
+            &rustls::version::TLS13,
+            CipherSuite::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            &rustls::version::TLS12,
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+    ];
+
     fn pair(version: &'static rustls::SupportedProtocolVersion, suite: CipherSuite) -> Pair {
         let ck = rcgen::generate_simple_self_signed(vec!["gw.test".into()]).unwrap();
         let cert = ck.cert.der().clone();
@@ -659,16 +671,7 @@ mod tests {
 
     #[test]
     fn at_the_confidentiality_limit_tls13_rekeys_and_tls12_closes() {
-        for (version, suite) in [
-            (
-                &rustls::version::TLS13,
-                CipherSuite::TLS13_AES_128_GCM_SHA256,
-            ),
-            (
-                &rustls::version::TLS12,
-                CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-            ),
-        ] {
+        for (version, suite) in AES128_GCM_BOTH_VERSIONS {
             let mut p = pair(version, suite);
             p.client.writer().write_all(b"x").unwrap();
             p.pump().unwrap();
@@ -701,16 +704,7 @@ mod tests {
 
     #[test]
     fn a_tampered_record_is_fatal() {
-        for (version, suite) in [
-            (
-                &rustls::version::TLS13,
-                CipherSuite::TLS13_AES_128_GCM_SHA256,
-            ),
-            (
-                &rustls::version::TLS12,
-                CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-            ),
-        ] {
+        for (version, suite) in AES128_GCM_BOTH_VERSIONS {
             let mut p = pair(version, suite);
             p.client.writer().write_all(b"first").unwrap();
             p.pump().unwrap();
