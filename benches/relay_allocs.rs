@@ -76,6 +76,12 @@ fn env(kind: Kind, channel: u32, route: u64, unit: &str, body: &[u8]) -> Vec<u8>
     v
 }
 
+/// The stream window in 16 KiB pieces: the protocol's default 256 KiB.
+const WINDOW_PIECES: u32 = 16;
+
+/// Pieces the device reads before it grants credit for them (half the window).
+const CREDIT_PIECES: u32 = WINDOW_PIECES / 2;
+
 fn next_binary(ws: &mut Ws) -> Vec<u8> {
     loop {
         match ws.read().unwrap() {
@@ -137,8 +143,9 @@ fn main() {
 
     let mut m = client(addr, &root, mcert.cert_der, &mkey, "/usg/management");
     let mut d = client(addr, &root, issued.cert_der, &dkey, "/usg/endpoint");
-    // The device answers every request and swallows data.
+    // The device answers every request, swallows data and grants credit for it.
     let device = std::thread::spawn(move || {
+        let mut data_pieces = 0u32;
         loop {
             let msg = match d.read() {
                 Ok(Message::Binary(b)) => b,
@@ -146,6 +153,16 @@ fn main() {
                 Err(_) => return,
             };
             let (h, _) = Header::parse(&msg).unwrap();
+            if h.kind == Kind::Data {
+                data_pieces += 1;
+                if data_pieces % CREDIT_PIECES == 0 {
+                    let grant = (CREDIT_PIECES * 16 * 1024).to_be_bytes();
+                    let credit = env(Kind::Credit, h.channel, h.route, "", &grant);
+                    if d.send(Message::binary(credit)).is_err() {
+                        return;
+                    }
+                }
+            }
             if h.kind == Kind::Request {
                 let reply = env(
                     Kind::Response,
@@ -196,31 +213,37 @@ fn main() {
         allocs as f64 / (2.0 * f64::from(n))
     );
 
-    // Stream data: 16 KiB pieces management -> device.
+    // Stream data: 16 KiB pieces management -> device, paced by credit as the protocol says:
+    // a 256 KiB window, the device granting half of it back each time it has read that much.
     let piece = vec![0x5a_u8; 16 * 1024];
     let data_env = env(Kind::Data, 1, 0, "BENCH-1", &piece);
-    for _ in 0..500 {
-        m.send(Message::binary(data_env.clone())).unwrap();
-    }
-    m.send(Message::binary(request.clone())).unwrap();
-    while next_binary(&mut m)[0] != Kind::Response as u8 {}
-    CountingAlloc::reset();
-    let pieces = 5_000u32;
-    let t = Instant::now();
-    for i in 0..pieces {
-        m.send(Message::binary(data_env.clone())).unwrap();
-        if i % 64 == 63 {
-            // Stay inside a window: a request behind the data proves it arrived.
-            m.send(Message::binary(request.clone())).unwrap();
-            while next_binary(&mut m)[0] != Kind::Response as u8 {}
+    let mut send_data = |pieces: u32| {
+        let mut outstanding = 0;
+        let mut sent = 0;
+        while sent < pieces || outstanding > 0 {
+            if sent < pieces && outstanding < WINDOW_PIECES {
+                m.send(Message::binary(data_env.clone())).unwrap();
+                sent += 1;
+                outstanding += 1;
+                continue;
+            }
+            let b = next_binary(&mut m);
+            assert_eq!(b[0], Kind::Credit as u8, "only credit comes back");
+            outstanding -= CREDIT_PIECES;
         }
-    }
+    };
+    send_data(25 * CREDIT_PIECES); // warm-up: pools fill
+    CountingAlloc::reset();
+    let pieces = 640 * CREDIT_PIECES;
+    let t = Instant::now();
+    send_data(pieces);
     let took = t.elapsed();
     let allocs = CountingAlloc::allocations();
-    let msgs = pieces + 2 * (pieces / 64);
+    let msgs = pieces + pieces / CREDIT_PIECES;
     println!(
-        "data: {pieces} x 16 KiB in {:.2} s ({:.0} MB/s through the gateway, TLS both legs, one stream); \
-         shard allocations: {allocs} = {:.3} per relayed message",
+        "data: {pieces} x 16 KiB in {:.2} s ({:.0} MB/s through the gateway, TLS both legs, one \
+         stream, 256 KiB window); shard allocations: {allocs} = {:.3} per relayed message (data \
+         and credit)",
         took.as_secs_f64(),
         f64::from(pieces) * 16384.0 / took.as_secs_f64() / 1e6,
         allocs as f64 / f64::from(msgs)

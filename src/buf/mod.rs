@@ -1,53 +1,134 @@
 //! Buffers: a per-shard pool of output `Vec`s, so connections borrow a send buffer only while
 //! they have something to send and an idle connection holds none.
 
-/// A bounded free list of `Vec<u8>`s.
+/// Capacity from which a pooled vector counts as envelope-sized: room for a full relay data
+/// envelope (16 KiB of data plus its header).
+pub const LARGE: usize = 16 * 1024;
+
+/// Buffer size for a relay envelope that is not known to be small: a 16 KiB data envelope (the
+/// size the protocol recommends) with the longest header fits.
+pub const ENVELOPE: usize = 17 * 1024;
+
+/// Capacity from which a pooled vector counts as big (bulk output: several records at once).
+const BIG: usize = 2 * ENVELOPE;
+
+/// A bounded free list of `Vec<u8>`s, kept in three size classes: small (output for control
+/// messages), envelope-sized (relay data envelopes, cut TLS records) and big (bulk output).
+///
+/// A taker that needs room gets a vector of the class that has it, never a small one that
+/// would grow by reallocation (a copy and an allocation per message in steady state), and
+/// envelopes do not use up the big output buffers or the other way round.
 #[derive(Debug)]
 pub struct VecPool {
-    free: Vec<Vec<u8>>,
+    small: Vec<Vec<u8>>,
+    envelopes: Vec<Vec<u8>>,
+    big: Vec<Vec<u8>>,
     max_pooled: usize,
     max_capacity: usize,
+    /// How many envelope-sized vectors are kept (`max_pooled` unless set).
+    max_envelopes: usize,
 }
 
 impl VecPool {
-    /// Keeps at most `max_pooled` vectors of at most `max_capacity` bytes each.
+    /// Keeps at most `max_pooled` vectors of each class, of at most `max_capacity` bytes each.
     pub fn new(max_pooled: usize, max_capacity: usize) -> Self {
         Self {
-            free: Vec::new(),
+            small: Vec::new(),
+            envelopes: Vec::new(),
+            big: Vec::new(),
             max_pooled,
             max_capacity,
+            max_envelopes: max_pooled,
         }
     }
 
-    /// An empty vector (with capacity when one was pooled).
+    /// Keeps up to `bytes` of envelope-sized vectors instead: a relay shard keeps as many as a
+    /// burst of data in flight needs, so steady-state relay allocates nothing, and no more than
+    /// `bytes` (at most twice that in capacity) once the burst is over.
+    pub fn keep_envelope_bytes(mut self, bytes: usize) -> Self {
+        self.max_envelopes = bytes / ENVELOPE;
+        self
+    }
+
+    fn class(&mut self, capacity: usize) -> (&mut Vec<Vec<u8>>, usize) {
+        if capacity < LARGE {
+            (&mut self.small, self.max_pooled)
+        } else if capacity < BIG {
+            (&mut self.envelopes, self.max_envelopes)
+        } else {
+            (&mut self.big, self.max_pooled)
+        }
+    }
+
+    /// An empty vector (with capacity when one was pooled), for output of unknown size.
     pub fn take(&mut self) -> Vec<u8> {
-        self.free.pop().unwrap_or_default()
+        self.small
+            .pop()
+            .or_else(|| self.envelopes.pop())
+            .or_else(|| self.big.pop())
+            .unwrap_or_default()
     }
 
-    /// Returns a vector for reuse (dropped if the pool is full or it grew too big).
-    pub fn give(&mut self, mut v: Vec<u8>) {
-        if v.capacity() == 0 || self.free.len() >= self.max_pooled {
-            return;
-        }
-        if v.capacity() > self.max_capacity {
-            v = Vec::new();
-            if v.capacity() == 0 {
-                return;
+    /// An empty vector with room for at least `need` bytes: a pooled one of `need`'s class
+    /// (or a larger class) that fits, else a new one of exactly `need`.
+    pub fn take_min(&mut self, need: usize) -> Vec<u8> {
+        let start = if need < LARGE {
+            0
+        } else if need < BIG {
+            1
+        } else {
+            2
+        };
+        for class in [&mut self.small, &mut self.envelopes, &mut self.big]
+            .into_iter()
+            .skip(start)
+        {
+            let n = class.len();
+            if let Some(i) = (n.saturating_sub(8)..n)
+                .rev()
+                .find(|&i| class[i].capacity() >= need)
+            {
+                return class.swap_remove(i);
             }
         }
-        v.clear();
-        self.free.push(v);
+        Vec::with_capacity(need)
+    }
+
+    /// A pooled envelope-sized vector with room for `need` bytes, if there is one (e.g. to send
+    /// home to the shard that allocated it).
+    pub fn take_spare(&mut self, need: usize) -> Option<Vec<u8>> {
+        let n = self.envelopes.len();
+        (n.saturating_sub(8)..n)
+            .rev()
+            .find(|&i| self.envelopes[i].capacity() >= need)
+            .map(|i| self.envelopes.swap_remove(i))
+    }
+
+    /// Returns a vector for reuse (dropped if its class is full or it grew too big).
+    pub fn give(&mut self, mut v: Vec<u8>) {
+        let cap = v.capacity();
+        if cap == 0 || cap > self.max_capacity {
+            return;
+        }
+        let (class, max) = self.class(cap);
+        if class.len() < max {
+            v.clear();
+            class.push(v);
+        }
     }
 
     /// A vector with room for `need` bytes and at most twice that: one of the last few pooled
     /// that fits, or a new one of exactly `need`. For buffers that stay queued (relay data
     /// frames), so a small frame never pins a large buffer.
     pub fn take_fitting(&mut self, need: usize) -> Vec<u8> {
-        let n = self.free.len();
-        for i in (n.saturating_sub(8)..n).rev() {
-            let c = self.free[i].capacity();
-            if c >= need && c <= need.saturating_mul(2) {
-                return self.free.swap_remove(i);
+        let fits = |c: usize| c >= need && c <= need.saturating_mul(2);
+        for class in [&mut self.envelopes, &mut self.big, &mut self.small] {
+            let n = class.len();
+            if let Some(i) = (n.saturating_sub(8)..n)
+                .rev()
+                .find(|&i| fits(class[i].capacity()))
+            {
+                return class.swap_remove(i);
             }
         }
         Vec::with_capacity(need)
@@ -55,12 +136,12 @@ impl VecPool {
 
     /// Vectors currently pooled.
     pub fn len(&self) -> usize {
-        self.free.len()
+        self.small.len() + self.envelopes.len() + self.big.len()
     }
 
     /// Whether the pool is empty.
     pub fn is_empty(&self) -> bool {
-        self.free.is_empty()
+        self.len() == 0
     }
 }
 
@@ -78,6 +159,59 @@ mod tests {
         p.give(v);
         let w = p.take_fitting(16 * 1024 + 10);
         assert!(w.capacity() >= 16 * 1024 + 10 && w.capacity() <= 2 * (16 * 1024 + 10));
+    }
+
+    #[test]
+    fn take_min_uses_the_class_that_has_room() {
+        let mut p = VecPool::new(16, 1 << 20);
+        p.give(Vec::with_capacity(84 * 1024));
+        p.give(Vec::with_capacity(ENVELOPE));
+        p.give(Vec::with_capacity(200));
+        p.give(Vec::with_capacity(300));
+        assert_eq!(
+            p.take_min(ENVELOPE).capacity(),
+            ENVELOPE,
+            "not a small one grown"
+        );
+        assert_eq!(
+            p.take_min(ENVELOPE).capacity(),
+            84 * 1024,
+            "a bigger class when empty"
+        );
+        assert_eq!(p.take_min(ENVELOPE).capacity(), ENVELOPE, "then a new one");
+        assert_eq!(p.len(), 2, "the small ones stay pooled");
+        assert!(p.take_min(250).capacity() >= 250);
+        assert_eq!(p.len(), 1);
+
+        p.give(Vec::with_capacity(84 * 1024));
+        p.give(Vec::with_capacity(ENVELOPE));
+        assert_eq!(
+            p.take_spare(ENVELOPE).map(|v| v.capacity()),
+            Some(ENVELOPE),
+            "a spare is an envelope-sized one"
+        );
+        assert!(
+            p.take_spare(ENVELOPE).is_none(),
+            "never the big output buffer"
+        );
+        assert_eq!(p.take_min(80 * 1024).capacity(), 84 * 1024);
+    }
+
+    #[test]
+    fn each_class_is_bounded_on_its_own() {
+        let mut p = VecPool::new(2, 1 << 20);
+        for cap in [100, ENVELOPE, BIG] {
+            for _ in 0..3 {
+                p.give(Vec::with_capacity(cap));
+            }
+        }
+        assert_eq!(p.len(), 6, "two of each class");
+
+        let mut p = VecPool::new(2, 1 << 20).keep_envelope_bytes(5 * ENVELOPE);
+        for _ in 0..8 {
+            p.give(Vec::with_capacity(ENVELOPE));
+        }
+        assert_eq!(p.len(), 5, "envelope buffers are bounded by bytes");
     }
 
     #[test]

@@ -66,6 +66,7 @@ pub fn records(data: &[u8]) {
     .expect("client");
     let mut server = TlsSession::new(c.server.clone()).expect("session");
     let (mut out, mut staged, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+    let mut spares = crate::buf::VecPool::new(4, 1 << 20);
     let mut plain = 0usize;
     // Handshake, then one genuine application record.
     let mut sent_data = false;
@@ -80,9 +81,14 @@ pub fn records(data: &[u8]) {
         }
         out.clear();
         server
-            .receive(&mut wire, &mut out, &mut staged, &mut scratch, |p, _, _| {
-                plain += p.len()
-            })
+            .receive(
+                &mut wire,
+                &mut out,
+                &mut staged,
+                &mut scratch,
+                &mut spares,
+                |p, _, _| plain += p.len(),
+            )
             .expect("a genuine peer is accepted");
         let mut back = &out[..];
         while !back.is_empty() {
@@ -101,9 +107,14 @@ pub fn records(data: &[u8]) {
     let mut handed = 0usize;
     for chunk in fed.chunks_mut(usize::from(*piece).max(1)) {
         out.clear();
-        let r = server.receive(chunk, &mut out, &mut staged, &mut scratch, |p, _, _| {
-            handed += p.len()
-        });
+        let r = server.receive(
+            chunk,
+            &mut out,
+            &mut staged,
+            &mut scratch,
+            &mut spares,
+            |p, _, _| handed += p.len(),
+        );
         if r.is_err() {
             break;
         }

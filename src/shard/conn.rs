@@ -18,7 +18,7 @@ use std::sync::atomic::AtomicU64;
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest as _, Sha256};
 
-use crate::buf::VecPool;
+use crate::buf::{self, VecPool};
 use crate::control::{Kick, RegisterOutcome, Revocations};
 use crate::metrics::{ErrorKind, Onboarding, ShardStats};
 use crate::proto::device::{self as dev, Message as DevMessage};
@@ -51,6 +51,13 @@ pub const STATUS_PATH: &str = "/usg/check-status";
 pub const METRICS_PATH: &str = "/metrics";
 /// WebSocket subprotocols we accept, in our order of preference.
 pub const SUBPROTOCOLS: &[&str] = &["fleetgate.v1"];
+
+/// Data encrypted per `pump_bulk` turn: the loop stops once 64 KiB are sealed, so this holds
+/// that, one more recommended-size frame and the record overhead, without growing.
+const BULK_OUTPUT: usize = BULK_TURN + buf::ENVELOPE + 1024;
+
+/// Bytes of queued data frames encrypted per `pump_bulk` turn.
+const BULK_TURN: usize = 64 * 1024;
 
 /// Limits and timeouts a shard applies to every connection (from the config).
 #[derive(Debug, Clone)]
@@ -426,7 +433,7 @@ impl Conn {
         if self.in_flight > 0 || !self.out.is_empty() || self.after == After::Abort {
             return;
         }
-        let mut budget: usize = 64 * 1024;
+        let mut budget: usize = BULK_TURN;
         while budget > 0 {
             let Some((frame, start)) = self.bulk.pop_front() else {
                 break;
@@ -434,8 +441,9 @@ impl Conn {
             let len = frame.len() - start;
             self.bulk_bytes -= len;
             budget = budget.saturating_sub(len);
-            if self.out.capacity() == 0 {
-                self.out = cx.pool.take();
+            if self.out.capacity() < BULK_OUTPUT {
+                cx.pool.give(std::mem::take(&mut self.out));
+                self.out = cx.pool.take_min(BULK_OUTPUT);
             }
             if self.tls.send(&frame[start..], &mut self.out).is_err() {
                 self.after = After::Abort;
@@ -555,6 +563,7 @@ impl Conn {
             out,
             cx.staged,
             cx.scratch,
+            cx.frame_pool,
             |plain, staged, peer_cert| st.plaintext(plain, staged, peer_cert),
         );
         cx.staged.clear();
@@ -1362,8 +1371,17 @@ impl Handler<'_> {
                         && kind == DataKind::Binary
                     {
                         if first {
-                            if open.env.capacity() == 0 {
-                                open.env = self.pool.take();
+                            // Room for the whole message now, so it never grows by
+                            // reallocation: a data envelope (or one cut by the read) gets a
+                            // large buffer, a small control message a small one.
+                            let need = if last && payload.len() <= buf::LARGE {
+                                payload.len()
+                            } else {
+                                payload.len().max(buf::ENVELOPE)
+                            };
+                            if open.env.capacity() < need {
+                                self.pool.give(std::mem::take(&mut open.env));
+                                open.env = self.pool.take_min(need);
                             }
                             open.env.clear();
                         }

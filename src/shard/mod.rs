@@ -29,6 +29,14 @@ use crate::tls::TlsSession;
 use conn::{After, ClientCas, Conn, Cx, Request, Settings};
 use timer::TimerWheel;
 
+/// Spare envelope buffers a shard keeps, in bytes (~240 envelopes of 17 KiB): what 16
+/// streams' 256 KiB windows put in flight at once, so bulk relay in steady state allocates
+/// nothing. Kept after a burst; a fixed cost per shard like the receive buffers.
+pub const POOLED_ENVELOPE_BYTES: usize = 4 << 20;
+
+/// Buffers a shard may owe another that sent it envelopes before it had spares to send back.
+const MAX_RECYCLE_OWED: u32 = (POOLED_ENVELOPE_BYTES / crate::buf::ENVELOPE) as u32;
+
 /// Messages from the control thread to a shard.
 #[derive(Debug)]
 pub enum Command {
@@ -230,7 +238,7 @@ impl<D: Driver> Shard<D> {
             settings,
             tls_config,
             wheel: TimerWheel::new(),
-            pool: VecPool::new(64, 256 * 1024),
+            pool: VecPool::new(64, 256 * 1024).keep_envelope_bytes(POOLED_ENVELOPE_BYTES),
             scratch: Vec::with_capacity(16 * 1024),
             staged: Vec::with_capacity(16 * 1024),
             shared,

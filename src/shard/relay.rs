@@ -249,9 +249,15 @@ impl<D: Driver> Shard<D> {
 
     /// A transit-form envelope in a pooled buffer.
     fn transit(&mut self, f: &Fields, body: &[u8]) -> Vec<u8> {
-        let mut v = self.pool.take();
+        let header = f.header();
+        let need = header.len() + body.len();
+        let mut v = if need > crate::buf::LARGE {
+            self.pool.take_min(need.max(crate::buf::ENVELOPE))
+        } else {
+            self.pool.take_min(need)
+        };
         v.clear();
-        envelope::write(&mut v, &f.header(), body);
+        envelope::write(&mut v, &header, body);
         v
     }
 
@@ -336,9 +342,11 @@ impl<D: Driver> Shard<D> {
     pub(super) fn after_batch(&mut self) {
         self.budget_resume();
         for shard in 0..self.recycle_owed.len() {
-            while self.recycle_owed[shard] > 0 && !self.pool.is_empty() {
+            while self.recycle_owed[shard] > 0 {
+                let Some(back) = self.pool.take_spare(crate::buf::ENVELOPE) else {
+                    break;
+                };
                 self.recycle_owed[shard] -= 1;
-                let back = self.pool.take();
                 self.mesh_send(shard, MeshMsg::Recycle(back), None);
             }
         }
@@ -576,13 +584,12 @@ impl<D: Driver> Shard<D> {
                 // shard allocates in steady state.
                 self.deliver_local(to, to_management, env, received);
                 if from_shard != self.id {
-                    let back = self.pool.take();
-                    if back.capacity() > 0 {
+                    if let Some(back) = self.pool.take_spare(crate::buf::ENVELOPE) {
                         self.mesh_send(from_shard, MeshMsg::Recycle(back), None);
                     } else if let Some(owed) = self.recycle_owed.get_mut(from_shard) {
                         // Paid back by after_batch once buffers come home (bounded: a shard
                         // is never owed more than a pool holds).
-                        *owed = (*owed + 1).min(64);
+                        *owed = (*owed + 1).min(super::MAX_RECYCLE_OWED);
                     }
                 }
             }

@@ -22,6 +22,7 @@ use rustls::{CipherSuite, ProtocolVersion, SupportedCipherSuite};
 
 use rustls_pki_types::CertificateDer;
 
+use crate::buf::VecPool;
 use crate::config::{TlsConfig, TlsVersion};
 use crate::pki::Keystore;
 
@@ -161,6 +162,26 @@ const RECORD_HEADER: usize = 5;
 /// Longest record body any version allows (TLS 1.2: 2^14 + 2048).
 const MAX_RECORD_BODY: usize = 16_384 + 2_048;
 
+/// Bytes of a cut record from which the buffer holding it has room for the whole record.
+const HOLD_WHOLE: usize = 1024;
+
+/// Room to ask for when the start of a record (`cut`) has to be kept until the rest arrives.
+///
+/// A piece of 1 KiB or more (bulk transfer, where reads cut records anywhere) gets room for the
+/// whole record, in the size of a relay envelope buffer so the pool serves both; a smaller piece
+/// gets only its own bytes, so a peer that stops after a few bytes of a record pins no more
+/// than it sent.
+fn record_room(cut: &[u8]) -> usize {
+    if cut.len() < HOLD_WHOLE {
+        return cut.len();
+    }
+    let body = match cut {
+        [_, _, _, hi, lo, ..] => usize::from(u16::from_be_bytes([*hi, *lo])).min(MAX_RECORD_BODY),
+        _ => MAX_RECORD_BODY,
+    };
+    (RECORD_HEADER + body).max(crate::buf::ENVELOPE)
+}
+
 /// Who protects the records: rustls until its handshake is over, then [`Records`].
 enum Engine {
     /// Boxed: an established session frees these ~1.1 KB with the rustls connection.
@@ -240,6 +261,14 @@ impl TlsSession {
         self.partial.as_ref().map_or(0, Vec::len)
     }
 
+    /// Bytes of an incomplete record held, and the capacity holding them.
+    #[cfg(test)]
+    pub fn partial_len_and_capacity(&self) -> (usize, usize) {
+        self.partial
+            .as_ref()
+            .map_or((0, 0), |p| (p.len(), p.capacity()))
+    }
+
     /// Version and suite, once established.
     pub fn negotiated(&self) -> Option<Negotiated> {
         match &self.engine {
@@ -264,6 +293,7 @@ impl TlsSession {
         out: &mut Vec<u8>,
         staged_out: &mut Vec<u8>,
         scratch: &mut Vec<u8>,
+        spares: &mut VecPool,
         mut on_plaintext: impl FnMut(&mut [u8], &mut Vec<u8>, Option<&CertificateDer<'static>>),
     ) -> Result<Progress, TlsError> {
         let mut progress = Progress::default();
@@ -285,6 +315,13 @@ impl TlsSession {
                     RECORD_HEADER + len
                 };
                 let take = need.saturating_sub(held.len()).min(input.len() - off);
+                if header_known && held.capacity() < need && held.len() + take >= HOLD_WHOLE {
+                    // Moving to a buffer with room for the whole record, so the rest of it
+                    // never makes this one grow by reallocation.
+                    let mut room = spares.take_min(need.max(crate::buf::ENVELOPE));
+                    room.extend_from_slice(&held);
+                    spares.give(std::mem::replace(&mut held, room));
+                }
                 held.extend_from_slice(&input[off..off + take]);
                 off += take;
                 if held.len() < need {
@@ -320,10 +357,18 @@ impl TlsSession {
             &mut progress,
         )?;
         if used < rest.len() {
-            // The buffer of the record just completed is reused for the next cut one.
-            let mut held = spare.unwrap_or_default();
-            held.extend_from_slice(&rest[used..]);
+            // The buffer of the record just completed is reused for the next cut one; else a
+            // pooled one with room for the whole record, so completing it never reallocates.
+            let cut = &rest[used..];
+            let mut held = match spare.take() {
+                Some(h) => h,
+                None => spares.take_min(record_room(cut)),
+            };
+            held.extend_from_slice(cut);
             self.partial = Some(held);
+        }
+        if let Some(h) = spare {
+            spares.give(h);
         }
         Ok(progress)
     }

@@ -567,12 +567,14 @@ mod tests {
             }
             let mut out = Vec::new();
             let (mut staged, mut scratch) = (Vec::new(), Vec::new());
+            let mut spares = crate::buf::VecPool::new(4, 1 << 20);
             let got = &mut self.got;
             let progress = self.server.receive(
                 &mut wire,
                 &mut out,
                 &mut staged,
                 &mut scratch,
+                &mut spares,
                 |plain, _staged, _peer| got.extend_from_slice(plain),
             )?;
             self.peer_closed |= progress.peer_closed;
@@ -715,11 +717,15 @@ mod tests {
             let last = wire.len() - 3;
             wire[last] ^= 0x40;
             let (mut out, mut staged, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
-            let r = p
-                .server
-                .receive(&mut wire, &mut out, &mut staged, &mut scratch, |_, _, _| {
-                    panic!("no plaintext from a tampered record")
-                });
+            let mut spares = crate::buf::VecPool::new(4, 1 << 20);
+            let r = p.server.receive(
+                &mut wire,
+                &mut out,
+                &mut staged,
+                &mut scratch,
+                &mut spares,
+                |_, _, _| panic!("no plaintext from a tampered record"),
+            );
             assert!(
                 matches!(r, Err(TlsError::Peer(rustls::Error::DecryptError))),
                 "{suite:?}: {r:?}"
@@ -737,6 +743,7 @@ mod tests {
         p.pump().unwrap();
         assert!(p.owns_records());
         let (mut out, mut staged, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        let mut spares = crate::buf::VecPool::new(4, 1 << 20);
         let mut first = [APPLICATION_DATA, 3, 3, 0];
         p.server
             .receive(
@@ -744,6 +751,7 @@ mod tests {
                 &mut out,
                 &mut staged,
                 &mut scratch,
+                &mut spares,
                 |_, _, _| {},
             )
             .unwrap();
@@ -752,6 +760,7 @@ mod tests {
             &mut out,
             &mut staged,
             &mut scratch,
+            &mut spares,
             |_, _, _| {},
         );
         assert!(matches!(r, Err(TlsError::Peer(_))), "{r:?}");
@@ -780,15 +789,31 @@ mod tests {
             .chunks_mut(3)
             .chain(tail.chunks_mut(1_777))
             .collect::<Vec<_>>();
+        let mut spares = crate::buf::VecPool::new(4, 1 << 20);
         for piece in pieces {
             let (mut out, mut staged, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
             let got = &mut p.got;
             p.server
-                .receive(piece, &mut out, &mut staged, &mut scratch, |plain, _, _| {
-                    got.extend_from_slice(plain)
-                })
+                .receive(
+                    piece,
+                    &mut out,
+                    &mut staged,
+                    &mut scratch,
+                    &mut spares,
+                    |plain, _, _| got.extend_from_slice(plain),
+                )
                 .unwrap();
+            let (held, room) = p.server.partial_len_and_capacity();
+            if held >= 1024 {
+                // 16,384 bytes of data + type + tag + header: completing it never reallocates.
+                assert!(room >= 16_406, "{held} bytes held in a buffer of {room}");
+            }
         }
         assert_eq!(p.got, data);
+        assert_eq!(p.server.partial_len_and_capacity().0, 0);
+        assert!(
+            spares.take_spare(crate::buf::ENVELOPE).is_some(),
+            "the held record's buffer went back to the pool"
+        );
     }
 }
