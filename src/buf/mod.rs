@@ -70,28 +70,29 @@ impl VecPool {
     }
 
     /// An empty vector with room for at least `need` bytes: a pooled one of `need`'s class
-    /// (or a larger class) that fits, else a new one of exactly `need`.
+    /// that fits (for envelope-sized and big needs, a bigger class will do), else a new one: of
+    /// exactly `need`, or for a small need of the next power of two (at least 256 B), so that
+    /// small messages of slightly different sizes soon all fit the small vectors pooled.
     pub fn take_min(&mut self, need: usize) -> Vec<u8> {
-        let start = if need < LARGE {
-            0
-        } else if need < BIG {
-            1
-        } else {
-            2
-        };
-        for class in [&mut self.small, &mut self.envelopes, &mut self.big]
-            .into_iter()
-            .skip(start)
-        {
+        let fits = |class: &mut Vec<Vec<u8>>| {
             let n = class.len();
-            if let Some(i) = (n.saturating_sub(8)..n)
+            let i = (n.saturating_sub(8)..n)
                 .rev()
-                .find(|&i| class[i].capacity() >= need)
-            {
-                return class.swap_remove(i);
-            }
+                .find(|&i| class[i].capacity() >= need)?;
+            Some(class.swap_remove(i))
+        };
+        if need < LARGE {
+            // Not a large one: it would travel with a small message and be missed where
+            // envelopes and bulk output need it.
+            return fits(&mut self.small)
+                .unwrap_or_else(|| Vec::with_capacity(need.next_power_of_two().max(256)));
         }
-        Vec::with_capacity(need)
+        if need < BIG
+            && let Some(v) = fits(&mut self.envelopes)
+        {
+            return v;
+        }
+        fits(&mut self.big).unwrap_or_else(|| Vec::with_capacity(need))
     }
 
     /// A pooled envelope-sized vector with room for `need` bytes, if there is one (e.g. to send
@@ -182,6 +183,15 @@ mod tests {
         assert_eq!(p.len(), 2, "the small ones stay pooled");
         assert!(p.take_min(250).capacity() >= 250);
         assert_eq!(p.len(), 1);
+        p.give(Vec::with_capacity(ENVELOPE));
+        let v = p.take_min(400);
+        assert_eq!(
+            v.capacity(),
+            512,
+            "a new small one, not the envelope buffer"
+        );
+        assert_eq!(p.len(), 2);
+        p.take_min(ENVELOPE);
 
         p.give(Vec::with_capacity(84 * 1024));
         p.give(Vec::with_capacity(ENVELOPE));

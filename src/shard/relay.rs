@@ -580,10 +580,12 @@ impl<D: Driver> Shard<D> {
                 if let Some(s) = self.shared.stats.get(from_shard) {
                     s.relay_buffered.fetch_sub(env.len() as u64, Relaxed);
                 }
-                // The buffer joins our pool; one of ours goes home in exchange, so neither
-                // shard allocates in steady state.
+                // The buffer joins our pool; for an envelope-sized one (stream data), one of
+                // ours goes home in exchange, so neither shard allocates in steady state.
+                // Small ones need no exchange: requests and their responses cross both ways.
+                let large = env.capacity() >= crate::buf::ENVELOPE;
                 self.deliver_local(to, to_management, env, received);
-                if from_shard != self.id {
+                if from_shard != self.id && large {
                     if let Some(back) = self.pool.take_spare(crate::buf::ENVELOPE) {
                         self.mesh_send(from_shard, MeshMsg::Recycle(back), None);
                     } else if let Some(owed) = self.recycle_owed.get_mut(from_shard) {

@@ -169,8 +169,8 @@ const HOLD_WHOLE: usize = 1024;
 ///
 /// A piece of 1 KiB or more (bulk transfer, where reads cut records anywhere) gets room for the
 /// whole record, in the size of a relay envelope buffer so the pool serves both; a smaller piece
-/// gets only its own bytes, so a peer that stops after a few bytes of a record pins no more
-/// than it sent.
+/// gets a small buffer (its size rounded up to a power of two, at least 256 B), so a peer that
+/// stops a few bytes into a record pins at most twice what it sent, or 256 B.
 fn record_room(cut: &[u8]) -> usize {
     if cut.len() < HOLD_WHOLE {
         return cut.len();
