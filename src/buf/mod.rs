@@ -70,9 +70,10 @@ impl VecPool {
     }
 
     /// An empty vector with room for at least `need` bytes: a pooled one of `need`'s class
-    /// that fits (for envelope-sized and big needs, a bigger class will do), else a new one: of
-    /// exactly `need`, or for a small need of the next power of two (at least 256 B), so that
-    /// small messages of slightly different sizes soon all fit the small vectors pooled.
+    /// that fits (for envelope-sized and big needs, a bigger class will do), else a new one
+    /// rounded up within its class, so that needs of slightly different sizes soon all fit the
+    /// vectors pooled: a small need to the next power of two (at least 256 B), an
+    /// envelope-sized one to [`ENVELOPE`]; a big one is allocated exactly.
     pub fn take_min(&mut self, need: usize) -> Vec<u8> {
         let fits = |class: &mut Vec<Vec<u8>>| {
             let n = class.len();
@@ -92,7 +93,9 @@ impl VecPool {
         {
             return v;
         }
-        fits(&mut self.big).unwrap_or_else(|| Vec::with_capacity(need))
+        fits(&mut self.big).unwrap_or_else(|| {
+            Vec::with_capacity(if need < BIG { need.max(ENVELOPE) } else { need })
+        })
     }
 
     /// A pooled envelope-sized vector with room for `need` bytes, if there is one (e.g. to send
@@ -179,7 +182,11 @@ mod tests {
             84 * 1024,
             "a bigger class when empty"
         );
-        assert_eq!(p.take_min(ENVELOPE).capacity(), ENVELOPE, "then a new one");
+        assert_eq!(
+            p.take_min(LARGE).capacity(),
+            ENVELOPE,
+            "then a new one, rounded up"
+        );
         assert_eq!(p.len(), 2, "the small ones stay pooled");
         assert!(p.take_min(250).capacity() >= 250);
         assert_eq!(p.len(), 1);

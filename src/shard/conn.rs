@@ -433,6 +433,14 @@ impl Conn {
         if self.in_flight > 0 || !self.out.is_empty() || self.after == After::Abort {
             return;
         }
+        if self.bulk.is_empty() {
+            return;
+        }
+        // `out` is empty here: swap a small one for one with room for the whole turn.
+        if self.out.capacity() < BULK_OUTPUT {
+            cx.pool.give(std::mem::take(&mut self.out));
+            self.out = cx.pool.take_min(BULK_OUTPUT);
+        }
         let mut budget: usize = BULK_TURN;
         while budget > 0 {
             let Some((frame, start)) = self.bulk.pop_front() else {
@@ -441,10 +449,6 @@ impl Conn {
             let len = frame.len() - start;
             self.bulk_bytes -= len;
             budget = budget.saturating_sub(len);
-            if self.out.capacity() < BULK_OUTPUT {
-                cx.pool.give(std::mem::take(&mut self.out));
-                self.out = cx.pool.take_min(BULK_OUTPUT);
-            }
             if self.tls.send(&frame[start..], &mut self.out).is_err() {
                 self.after = After::Abort;
             }
@@ -1372,9 +1376,9 @@ impl Handler<'_> {
                     {
                         if first {
                             // Room for the whole message now, so it never grows by
-                            // reallocation: a data envelope (or one cut by the read) gets a
-                            // large buffer, a small control message a small one.
-                            let need = if last && payload.len() <= buf::LARGE {
+                            // reallocation: a whole one gets its size (the pool rounds it up
+                            // to its class), one cut by the read an envelope buffer.
+                            let need = if last {
                                 payload.len()
                             } else {
                                 payload.len().max(buf::ENVELOPE)

@@ -31,7 +31,7 @@ use timer::TimerWheel;
 
 /// Spare envelope buffers a shard keeps, in bytes (~240 envelopes of 17 KiB): what 16
 /// streams' 256 KiB windows put in flight at once, so bulk relay in steady state allocates
-/// nothing. Kept after a burst; a fixed cost per shard like the receive buffers.
+/// nothing. Kept after a burst: buffers the burst already used, not added on top of its peak.
 pub const POOLED_ENVELOPE_BYTES: usize = 4 << 20;
 
 /// Buffers a shard may owe another that sent it envelopes before it had spares to send back.

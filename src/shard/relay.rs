@@ -250,13 +250,7 @@ impl<D: Driver> Shard<D> {
     /// A transit-form envelope in a pooled buffer.
     fn transit(&mut self, f: &Fields, body: &[u8]) -> Vec<u8> {
         let header = f.header();
-        let need = header.len() + body.len();
-        let mut v = if need > crate::buf::LARGE {
-            self.pool.take_min(need.max(crate::buf::ENVELOPE))
-        } else {
-            self.pool.take_min(need)
-        };
-        v.clear();
+        let mut v = self.pool.take_min(header.len() + body.len());
         envelope::write(&mut v, &header, body);
         v
     }

@@ -168,9 +168,9 @@ const HOLD_WHOLE: usize = 1024;
 /// Room to ask for when the start of a record (`cut`) has to be kept until the rest arrives.
 ///
 /// A piece of 1 KiB or more (bulk transfer, where reads cut records anywhere) gets room for the
-/// whole record, in the size of a relay envelope buffer so the pool serves both; a smaller piece
-/// gets a small buffer (its size rounded up to a power of two, at least 256 B), so a peer that
-/// stops a few bytes into a record pins at most twice what it sent, or 256 B.
+/// whole record (the pool rounds it up to a relay envelope buffer, so it serves both); a
+/// smaller piece gets a small buffer (rounded up to a power of two, at least 256 B), so a peer
+/// that stops a few bytes into a record pins at most twice what it sent, or 256 B.
 fn record_room(cut: &[u8]) -> usize {
     if cut.len() < HOLD_WHOLE {
         return cut.len();
@@ -179,7 +179,7 @@ fn record_room(cut: &[u8]) -> usize {
         [_, _, _, hi, lo, ..] => usize::from(u16::from_be_bytes([*hi, *lo])).min(MAX_RECORD_BODY),
         _ => MAX_RECORD_BODY,
     };
-    (RECORD_HEADER + body).max(crate::buf::ENVELOPE)
+    RECORD_HEADER + body
 }
 
 /// Who protects the records: rustls until its handshake is over, then [`Records`].
@@ -318,7 +318,7 @@ impl TlsSession {
                 if header_known && held.capacity() < need && held.len() + take >= HOLD_WHOLE {
                     // Moving to a buffer with room for the whole record, so the rest of it
                     // never makes this one grow by reallocation.
-                    let mut room = spares.take_min(need.max(crate::buf::ENVELOPE));
+                    let mut room = spares.take_min(need);
                     room.extend_from_slice(&held);
                     spares.give(std::mem::replace(&mut held, room));
                 }
