@@ -283,6 +283,12 @@ pub struct RelayConfig {
     /// stops reading from it) until the total is back under three quarters of the budget.
     /// Default 1 GiB; 0 = no budget.
     pub memory_budget: usize,
+    /// Spread management connections over the shards: a shard that upgrades a management
+    /// connection while it holds more of them than another shard hands the new one to the
+    /// shard with the fewest (before its first request). The kernel places connections on
+    /// shards at accept, before anyone knows which are management ones, and each management
+    /// connection's shard decrypts everything that connection sends. Default true.
+    pub spread_management: bool,
 }
 
 impl Default for RelayConfig {
@@ -291,6 +297,7 @@ impl Default for RelayConfig {
             max_control_queue: 1 << 20,
             max_bulk_queue: 8 << 20,
             memory_budget: 1 << 30,
+            spread_management: true,
         }
     }
 }

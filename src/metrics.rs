@@ -96,6 +96,8 @@ pub struct ShardStats {
     pub relay_buffered: AtomicU64,
     /// Connections paused because the gateway was over its memory budget.
     pub budget_pauses: AtomicU64,
+    /// Management connections this shard handed to another shard after their upgrade.
+    pub management_moves: AtomicU64,
     /// Errors by kind.
     pub errors: [AtomicU64; 11],
     /// Requests and responses by time inside the gateway.
@@ -294,6 +296,11 @@ pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u
             "fleetgate_memory_budget_pauses_total",
             "Connections whose reading was paused because relayed data exceeded relay.memory_budget.",
             |s| &s.budget_pauses,
+        ),
+        (
+            "fleetgate_management_moves_total",
+            "Management connections handed to another shard after their upgrade, to spread them over the shards (counted by the shard they left).",
+            |s| &s.management_moves,
         ),
     ] {
         let _ = writeln!(

@@ -245,6 +245,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         max_bulk_queue: config.relay.max_bulk_queue,
         memory_budget: config.relay.memory_budget,
         max_held_buffers: config.limits.recv_buffers_per_shard / 2,
+        spread_management: config.relay.spread_management,
     };
     let client_cas =
         crate::shard::conn::ClientCas::new(device_ca.cert_der(), Some(mgmt_ca.cert_der()));

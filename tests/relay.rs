@@ -35,6 +35,26 @@ fn device(gw: &Gateway, key: &str, unit: &str) -> (Device, mgmt::Ws) {
     (d, ws)
 }
 
+/// A management certificate made the way an operator makes one (`fleetgate mgmt add`), so
+/// that `mgmt revoke NAME` applies to it.
+fn mgmt_add(gw: &Gateway, name: &str) -> MgmtCert {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = common::run(
+        Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .args(["mgmt", "add", name, "--out"])
+            .arg(dir.path())
+            .arg("--data-dir")
+            .arg(gw.data_dir()),
+    );
+    assert!(ok, "{err}");
+    let pem = std::fs::read(dir.path().join(format!("{name}.pem"))).unwrap();
+    let key_pem = std::fs::read_to_string(dir.path().join(format!("{name}.key"))).unwrap();
+    MgmtCert {
+        cert: rustls::pki_types::pem::PemObject::from_pem_slice(&pem).unwrap(),
+        key: rcgen::KeyPair::from_pem(&key_pem).unwrap(),
+    }
+}
+
 /// Answers one request on a device socket the way an agent would.
 fn serve_one(dev: &mut mgmt::Ws) -> Env {
     let req = mgmt::recv(dev, T).expect("a request at the device");
@@ -374,6 +394,145 @@ fn devices_on_every_shard_are_reached_and_answers_go_to_the_asker() {
     assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
 }
 
+/// The values of a per-shard metric (`NAME{shard="i"} v` lines), by shard.
+fn per_shard(metrics: &str, name: &str) -> Vec<u64> {
+    let prefix = format!("{name}{{shard=");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Waits until a management link is closed by the gateway (close frame, or the connection
+/// ends); false if it stays open for `T`.
+fn closed_by_gateway(m: &mut mgmt::Ws) -> bool {
+    m.get_mut().sock.set_read_timeout(Some(T)).unwrap();
+    for _ in 0..100 {
+        match m.read() {
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Ok(tungstenite::Message::Close(_)) | Err(_) => return true,
+            Ok(_) => continue,
+        }
+    }
+    false
+}
+
+#[test]
+fn management_connections_are_spread_over_the_shards_and_work_after_the_move() {
+    const LINKS: usize = 8;
+    for driver in DRIVERS {
+        let gw = Gateway::start(driver, None, &["--shards", "2"]);
+        let key = mass_key(&gw);
+        let cert = mgmt_add(&gw, "cluster");
+        let mut links = Vec::new();
+        for i in 0..LINKS {
+            let (mut m, hello) = mgmt::connect(&gw, cert.config(&gw.root_pem())).unwrap();
+            assert_eq!(hello["mode"], "management", "{hello}");
+            // A request sent right after `hello`, while the connection may be on its way to
+            // the other shard: answered all the same.
+            mgmt::send(&mut m, &mgmt::request(1, "", "status", json!({})));
+            let resp = mgmt::recv_until(&mut m, T, |e| e.channel == 1)
+                .unwrap_or_else(|| panic!("{driver}: link {i}: no answer to its first request"));
+            assert!(
+                resp.json()["result"]["status"].is_string(),
+                "{}",
+                resp.json()
+            );
+            links.push(m);
+            // Wherever the kernel put it, the shards never differ by more than one.
+            let m = metrics(&gw);
+            let spread = per_shard(&m, "fleetgate_management_connected");
+            assert_eq!(spread.len(), 2, "{m}");
+            assert_eq!(
+                spread.iter().sum::<u64>(),
+                i as u64 + 1,
+                "{driver}: {spread:?}"
+            );
+            assert!(
+                spread[0].abs_diff(spread[1]) <= 1,
+                "{driver}: after {} links: {spread:?}",
+                i + 1
+            );
+        }
+        let m = metrics(&gw);
+        let moves = value(&m, "fleetgate_management_moves_total ") as u64;
+        assert!(moves <= LINKS as u64 / 2 + 1, "{driver}: {moves} moves");
+        // Events reach every link, moved or not; each link's request is answered to it.
+        let (_d, mut dev) = device(&gw, &key, "SPREAD-1");
+        for (i, m) in links.iter_mut().enumerate() {
+            let up = mgmt::recv_until(m, T, |e| {
+                e.kind == mgmt::EVENT && e.json()["event"] == "device_up"
+            });
+            assert!(up.is_some(), "{driver}: link {i} got no device_up");
+        }
+        for (i, m) in links.iter_mut().enumerate() {
+            let id = 10 + i as u32;
+            mgmt::send(m, &mgmt::request(id, "SPREAD-1", "ping", json!({})));
+            serve_one(&mut dev);
+            let resp = mgmt::recv_until(m, T, |e| e.kind == mgmt::RESPONSE)
+                .unwrap_or_else(|| panic!("{driver}: link {i}: no answer"));
+            assert_eq!(resp.channel, id);
+            assert_eq!(resp.json()["result"]["pong"], true);
+        }
+        // Revoking the certificate closes every link, on whichever shard it ended up.
+        let (ok, _, err) = common::run(
+            Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+                .args(["mgmt", "revoke", "cluster", "--data-dir"])
+                .arg(gw.data_dir()),
+        );
+        assert!(ok, "{err}");
+        for (i, m) in links.iter_mut().enumerate() {
+            assert!(closed_by_gateway(m), "{driver}: link {i} stayed open");
+        }
+        drop(links);
+        let deadline = Instant::now() + T;
+        loop {
+            let spread = per_shard(&metrics(&gw), "fleetgate_management_connected");
+            if spread.iter().sum::<u64>() == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{driver}: still counted: {spread:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn management_connections_stay_put_when_spreading_is_off() {
+    let gw = Gateway::start(
+        "uring",
+        Some("[relay]\nspread_management = false\n"),
+        &["--shards", "2"],
+    );
+    let cert = MgmtCert::issue(&gw.data_dir(), "ops");
+    let mut links = Vec::new();
+    for _ in 0..6 {
+        let (mut m, _) = mgmt::connect(&gw, cert.config(&gw.root_pem())).unwrap();
+        mgmt::send(&mut m, &mgmt::request(1, "", "status", json!({})));
+        assert!(mgmt::recv_until(&mut m, T, |e| e.channel == 1).is_some());
+        links.push(m);
+    }
+    let m = metrics(&gw);
+    assert_eq!(value(&m, "fleetgate_management_moves_total "), 0.0, "{m}");
+    assert_eq!(
+        per_shard(&m, "fleetgate_management_connected")
+            .iter()
+            .sum::<u64>(),
+        6
+    );
+}
+
 #[test]
 fn a_stream_close_never_overtakes_its_data_to_a_slow_reader() {
     let gw = Gateway::start(
@@ -442,21 +601,7 @@ fn a_stream_close_never_overtakes_its_data_to_a_slow_reader() {
 #[test]
 fn a_revoked_management_certificate_is_disconnected_and_keys_export_works() {
     let gw = Gateway::start("epoll", None, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (ok, _, err) = common::run(
-        Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-            .args(["mgmt", "add", "ops", "--out"])
-            .arg(dir.path())
-            .arg("--data-dir")
-            .arg(gw.data_dir()),
-    );
-    assert!(ok, "{err}");
-    let pem = std::fs::read(dir.path().join("ops.pem")).unwrap();
-    let key_pem = std::fs::read_to_string(dir.path().join("ops.key")).unwrap();
-    let cert = MgmtCert {
-        cert: rustls::pki_types::pem::PemObject::from_pem_slice(&pem).unwrap(),
-        key: rcgen::KeyPair::from_pem(&key_pem).unwrap(),
-    };
+    let cert = mgmt_add(&gw, "ops");
     let (mut m, _) = mgmt::connect(&gw, cert.config(&gw.root_pem())).unwrap();
     let (mut watcher, _) = mgmt::connect(
         &gw,

@@ -385,4 +385,23 @@ impl Driver for EpollDriver {
     fn waker(&self) -> Waker {
         Waker::new(self.wake_fd.clone())
     }
+
+    fn detach(&mut self, key: ConnKey) {
+        let result = match self.conn_mut(key) {
+            None => Err(io::ErrorKind::NotConnected.into()),
+            Some(c) if c.send.is_some() => Err(io::Error::other("a send is in flight")),
+            Some(_) => {
+                let mut c = self.conns[key.slot as usize].take().expect("checked above");
+                let _ = self.poll.registry().deregister(&mut c.stream);
+                Ok(std::os::fd::OwnedFd::from(c.stream))
+            }
+        };
+        self.deferred.push(Event::Detached { key, result });
+    }
+
+    fn adopt(&mut self, key: ConnKey, fd: std::os::fd::OwnedFd) -> io::Result<()> {
+        let stream = std::net::TcpStream::from(fd);
+        stream.set_nonblocking(true)?;
+        self.attach(key, TcpStream::from_std(stream))
+    }
 }

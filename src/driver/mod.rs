@@ -18,6 +18,12 @@
 //! * After [`Driver::close`] the shard gets no more events for that key except exactly one
 //!   [`Event::Closed`], once every in-flight operation has finished and the socket is closed.
 //!   Only then may the shard reuse the connection's slot.
+//! * [`Driver::detach`] takes a connection out of the driver with its socket, for another
+//!   shard's driver to [`Driver::adopt`] (a management connection moved to a shard that has
+//!   none). It is asked with no send in flight; receives that completed before the receive was
+//!   stopped still arrive as [`Event::Data`], then exactly one [`Event::Detached`]. After a
+//!   successful detach the key gets no more events (no `Closed`: the slot is free at once);
+//!   after a failed one the connection stays, receiving again.
 
 pub mod epoll;
 pub mod probe;
@@ -25,6 +31,7 @@ pub mod uring;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +72,10 @@ pub enum OpKind {
     AcceptCancel = 7,
     /// A lookup of the peer address (io_uring direct descriptors).
     PeerName = 8,
+    /// Installing a direct descriptor as a plain one (detach).
+    Install = 9,
+    /// Closing the direct descriptor of a detached connection (`slot` = the fixed slot).
+    Release = 10,
 }
 
 /// The receive buffers of a shard, with every page touched now.
@@ -101,6 +112,8 @@ pub fn decode_token(token: u64) -> Option<(OpKind, ConnKey)> {
         6 => OpKind::Wake,
         7 => OpKind::AcceptCancel,
         8 => OpKind::PeerName,
+        9 => OpKind::Install,
+        10 => OpKind::Release,
         _ => return None,
     };
     let key = ConnKey {
@@ -163,6 +176,14 @@ pub enum Event<S> {
     },
     /// The waker was notified.
     Wake,
+    /// A [`Driver::detach`] finished: the socket, now the caller's (the key is free), or why
+    /// it could not be taken out (the connection stays, receiving again).
+    Detached {
+        /// The connection.
+        key: ConnKey,
+        /// Its socket as a plain descriptor.
+        result: io::Result<OwnedFd>,
+    },
 }
 
 /// Wakes a shard's loop from another thread.
@@ -245,6 +266,13 @@ pub trait Driver {
 
     /// A handle that wakes this driver's [`Driver::poll`] from another thread.
     fn waker(&self) -> Waker;
+
+    /// Stops receiving on `key` and takes its socket out of the driver; completes with
+    /// [`Event::Detached`]. Only with no send in flight (see the module docs).
+    fn detach(&mut self, key: ConnKey);
+
+    /// Takes a socket another driver detached, under `key`, and starts receiving on it.
+    fn adopt(&mut self, key: ConnKey, fd: OwnedFd) -> io::Result<()>;
 }
 
 #[cfg(test)]
@@ -319,6 +347,163 @@ mod tests {
         let _ = io::Read::read_to_end(&mut client, &mut rest);
         // The close cancels what is in flight; what was sent arrives whole or not at all.
         assert!(rest.is_empty() || rest == b"world", "{rest:?}");
+    }
+
+    /// Polls `d` until `done` says so (5 s at most), handing each event to `on`.
+    fn poll_until<D: Driver>(d: &mut D, mut on: impl FnMut(&mut D, Event<D::Socket>) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut events = Vec::new();
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: timed out",
+                d.name()
+            );
+            d.poll(&mut events, Some(Duration::from_millis(50)))
+                .unwrap();
+            let mut done = false;
+            for ev in events.drain(..) {
+                done |= on(d, ev);
+            }
+            if done {
+                return;
+            }
+        }
+    }
+
+    /// A connection moves from one driver to another (two shards): bytes that arrived before
+    /// the detach are reported by the first, everything after by the second, nothing lost or
+    /// reordered; the second sends and closes it.
+    fn detach_then_adopt<D: Driver>(mut a: D, mut b: D) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        a.listen(l).unwrap();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        let key = ConnKey {
+            slot: 5,
+            generation: 9,
+        };
+        let mut got = Vec::new();
+        poll_until(&mut a, |d, ev| match ev {
+            Event::Accepted { sock, .. } => {
+                d.attach(key, sock).unwrap();
+                io::Write::write_all(&mut client, b"one,").unwrap();
+                false
+            }
+            Event::Data { key: k, buf, len } => {
+                assert_eq!(k, key);
+                got.extend_from_slice(d.buf_mut(buf, len));
+                d.recycle(buf);
+                got.len() == 4
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        a.send(key, b"sent by a,".to_vec());
+        poll_until(&mut a, |_, ev| match ev {
+            Event::SendDone { result, .. } => {
+                result.unwrap();
+                true
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        // Racing the detach: these may be reported by either driver.
+        io::Write::write_all(&mut client, b"two,").unwrap();
+        a.detach(key);
+        let mut fd = None;
+        poll_until(&mut a, |d, ev| match ev {
+            Event::Data { key: k, buf, len } => {
+                assert_eq!(k, key);
+                got.extend_from_slice(d.buf_mut(buf, len));
+                d.recycle(buf);
+                false
+            }
+            Event::Detached { key: k, result } => {
+                assert_eq!(k, key);
+                fd = Some(result.expect("detached"));
+                true
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        let other = ConnKey {
+            slot: 2,
+            generation: 1,
+        };
+        b.adopt(other, fd.unwrap()).unwrap();
+        io::Write::write_all(&mut client, b"three").unwrap();
+        poll_until(&mut b, |d, ev| match ev {
+            Event::Data { key: k, buf, len } => {
+                assert_eq!(k, other);
+                got.extend_from_slice(d.buf_mut(buf, len));
+                d.recycle(buf);
+                got.len() == b"one,two,three".len()
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        assert_eq!(got, b"one,two,three", "{}", b.name());
+        b.send(other, b"sent by b".to_vec());
+        poll_until(&mut b, |d, ev| match ev {
+            Event::SendDone { result, .. } => {
+                result.unwrap();
+                d.close(other);
+                false
+            }
+            Event::Closed { key: k } => {
+                assert_eq!(k, other);
+                true
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        // The first driver reports nothing more for the key it gave away.
+        let mut events = Vec::new();
+        a.poll(&mut events, Some(Duration::from_millis(100)))
+            .unwrap();
+        assert!(events.is_empty(), "{events:?}");
+        let mut rest = Vec::new();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        io::Read::read_to_end(&mut client, &mut rest).unwrap();
+        assert_eq!(rest, b"sent by a,sent by b");
+    }
+
+    #[test]
+    fn epoll_driver_hands_a_connection_to_another() {
+        detach_then_adopt(
+            epoll::EpollDriver::new(cfg()).unwrap(),
+            epoll::EpollDriver::new(cfg()).unwrap(),
+        );
+    }
+
+    #[test]
+    fn uring_driver_hands_a_connection_to_another() {
+        detach_then_adopt(
+            uring::UringDriver::new(cfg()).unwrap(),
+            uring::UringDriver::new(cfg()).unwrap(),
+        );
+    }
+
+    /// A socket taken into the table's adoption slots frees its slot when closed: more
+    /// adoptions than there are slots succeed one after another.
+    #[test]
+    fn uring_adoption_slots_are_reused() {
+        let mut d = uring::UringDriver::new(cfg()).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        for i in 0..uring::ADOPT_SLOTS + 8 {
+            let c = std::net::TcpStream::connect(addr).unwrap();
+            let (s, _) = l.accept().unwrap();
+            let key = ConnKey {
+                slot: i % 4,
+                generation: i,
+            };
+            d.adopt(key, OwnedFd::from(s)).unwrap();
+            d.close(key);
+            poll_until(
+                &mut d,
+                |_, ev| matches!(ev, Event::Closed { key: k } if k == key),
+            );
+            drop(c);
+        }
     }
 
     fn cfg() -> DriverConfig {

@@ -11,6 +11,11 @@
 //! * A send owns its `Vec` until the completion; short sends are continued here.
 //! * Close = cancel everything on the descriptor, wait for those completions, then close the
 //!   fixed slot; only then is `Closed` reported.
+//! * Detach = cancel the receive, wait for it, install the direct descriptor as a plain one
+//!   (`IORING_OP_FIXED_FD_INSTALL`, kernel ≥ 6.8), close the fixed slot. Adopt = put a plain
+//!   descriptor into a slot of the table's top [`ADOPT_SLOTS`], which the kernel's own
+//!   allocation (accept) never uses (`IORING_REGISTER_FILE_ALLOC_RANGE`), so the two cannot
+//!   pick the same slot.
 //!
 //! This file and `src/sys/` are the only places with `unsafe`.
 
@@ -18,7 +23,7 @@
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -33,6 +38,13 @@ use crate::sys::EventFd;
 
 /// Buffer group id of the shard's provided-buffer ring.
 const BGID: u16 = 0;
+/// Slots at the top of the fixed file table kept for adopted sockets (management connections
+/// moved here from another shard); fewer (an eighth of the table) when RLIMIT_NOFILE leaves no
+/// room above the connections.
+pub const ADOPT_SLOTS: u32 = 256;
+/// `IORING_REGISTER_FILE_ALLOC_RANGE` (not wrapped by the `io-uring` crate).
+const REGISTER_FILE_ALLOC_RANGE: libc::c_uint = 25;
+
 /// Key used for operations that belong to no connection.
 const NO_CONN: ConnKey = ConnKey {
     slot: u32::MAX,
@@ -122,6 +134,37 @@ impl Drop for BufRing {
     }
 }
 
+/// Restricts the kernel's own choice of fixed slots (multishot accept) to `0..accept_slots`,
+/// leaving the slots above to [`Driver::adopt`] (kernel ≥ 6.0).
+fn reserve_top(ring: &IoUring, accept_slots: u32) -> io::Result<()> {
+    #[repr(C)]
+    struct FileIndexRange {
+        off: u32,
+        len: u32,
+        resv: u64,
+    }
+    let range = FileIndexRange {
+        off: 0,
+        len: accept_slots,
+        resv: 0,
+    };
+    // SAFETY: `io_uring_register(fd, IORING_REGISTER_FILE_ALLOC_RANGE, &range, 0)` reads one
+    // `struct io_uring_file_index_range` (the layout above) and keeps no reference to it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring.as_raw_fd(),
+            REGISTER_FILE_ALLOC_RANGE,
+            (&raw const range).cast::<libc::c_void>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 struct Conn {
     generation: u32,
@@ -130,6 +173,9 @@ struct Conn {
     paused: bool,
     closing: bool,
     close_submitted: bool,
+    /// Being detached: the receive is stopped; the install follows once it has ended.
+    detaching: bool,
+    install_submitted: bool,
     send: Option<(Vec<u8>, usize)>,
 }
 
@@ -160,6 +206,13 @@ pub struct UringDriver {
     peer_lookup_supported: bool,
     /// Size of the listener family's socket address.
     peer_len: u32,
+    /// First slot of the range kept for adopted sockets (`None` when the kernel cannot
+    /// restrict its own allocation: adopting is then refused).
+    adopt_base: Option<u32>,
+    /// Its free slots.
+    adopt_free: Vec<u32>,
+    /// Cleared when the kernel cannot install a direct descriptor (< 6.8): detaching fails.
+    install_supported: bool,
 }
 
 /// Room for a peer address written by the kernel.
@@ -188,8 +241,30 @@ impl UringDriver {
             .setup_coop_taskrun()
             .setup_single_issuer()
             .build(4096)?;
-        let table = u32::try_from(cfg.max_connections).unwrap_or(u32::MAX);
-        ring.submitter().register_files_sparse(table)?;
+        let wanted = u32::try_from(cfg.max_connections)
+            .unwrap_or(u32::MAX)
+            .min(u32::MAX - ADOPT_SLOTS);
+        // The adoption slots come on top of the connections, unless the table would then
+        // exceed RLIMIT_NOFILE (EMFILE): then they are carved out of it.
+        let (table, adopt_len) = match ring.submitter().register_files_sparse(wanted + ADOPT_SLOTS)
+        {
+            Ok(()) => (wanted + ADOPT_SLOTS, ADOPT_SLOTS),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
+                ring.submitter().register_files_sparse(wanted)?;
+                (wanted, ADOPT_SLOTS.min(wanted / 8))
+            }
+            Err(e) => return Err(e),
+        };
+        let accept_slots = table - adopt_len;
+        let adopt_base = match reserve_top(&ring, accept_slots) {
+            Ok(()) if adopt_len > 0 => Some(accept_slots),
+            Ok(()) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot keep fixed slots for adoption; not adopting");
+                None
+            }
+        };
+        let adopt_free = adopt_base.map_or_else(Vec::new, |b| (b..table).rev().collect());
         let bufring = BufRing::new(cfg.recv_buffers, cfg.recv_buffer_size)?;
         // SAFETY: the ring memory stays valid and unmoved until the driver (and with it the
         // io_uring instance) is dropped; `BufRing` is dropped after `ring` (field order).
@@ -220,6 +295,9 @@ impl UringDriver {
             peer_lookups: std::collections::HashMap::new(),
             peer_lookup_supported: true,
             peer_len: size_of::<libc::sockaddr_in>() as u32,
+            adopt_base,
+            adopt_free,
+            install_supported: true,
         })
     }
 
@@ -287,7 +365,7 @@ impl UringDriver {
 
     fn arm_recv(&mut self, key: ConnKey) {
         let Some(c) = self.conn_mut(key) else { return };
-        if c.recv_armed || c.paused || c.closing {
+        if c.recv_armed || c.paused || c.closing || c.detaching {
             return;
         }
         c.recv_armed = true;
@@ -323,7 +401,12 @@ impl UringDriver {
     /// Submits the close of a closing connection once nothing else is in flight.
     fn maybe_close(&mut self, key: ConnKey) {
         let Some(c) = self.conn_mut(key) else { return };
-        if !c.closing || c.close_submitted || c.recv_armed || c.send.is_some() {
+        if !c.closing
+            || c.close_submitted
+            || c.recv_armed
+            || c.send.is_some()
+            || c.install_submitted
+        {
             return;
         }
         c.close_submitted = true;
@@ -333,6 +416,47 @@ impl UringDriver {
             .user_data(encode_token(OpKind::Close, key));
         // SAFETY: closing a fixed slot refers to no memory.
         unsafe { self.push(sqe) };
+    }
+
+    /// Submits the install of a detaching connection once its receive has ended.
+    fn maybe_install(&mut self, key: ConnKey) {
+        let Some(c) = self.conn_mut(key) else { return };
+        if !c.detaching || c.install_submitted || c.recv_armed || c.closing {
+            return;
+        }
+        c.install_submitted = true;
+        // Flags 0: the new descriptor is close-on-exec.
+        let sqe = opcode::FixedFdInstall::new(Fixed(c.fixed), 0)
+            .build()
+            .user_data(encode_token(OpKind::Install, key));
+        // SAFETY: installing a fixed slot refers to no memory; the slot stays open until the
+        // completion (nothing else closes it while detaching).
+        unsafe { self.push(sqe) };
+    }
+
+    /// Closes fixed slot `fixed` of a connection that has left (detached); the slot is reused
+    /// after the completion.
+    fn release(&mut self, fixed: u32) {
+        let sqe = opcode::Close::new(Fixed(fixed))
+            .build()
+            .user_data(encode_token(
+                OpKind::Release,
+                ConnKey {
+                    slot: fixed,
+                    generation: 0,
+                },
+            ));
+        // SAFETY: closing a fixed slot refers to no memory.
+        unsafe { self.push(sqe) };
+    }
+
+    /// A fixed slot is free again: an adoption slot goes back to the free list.
+    fn slot_freed(&mut self, fixed: u32) {
+        if let Some(base) = self.adopt_base {
+            if fixed >= base {
+                self.adopt_free.push(fixed);
+            }
+        }
     }
 
     fn arm_accept(&mut self) {
@@ -436,6 +560,7 @@ impl UringDriver {
                     }
                 }
                 self.maybe_close(key);
+                self.maybe_install(key);
             }
             OpKind::Send => {
                 let Some(c) = self.conn_mut(key) else { return };
@@ -464,11 +589,55 @@ impl UringDriver {
                 self.maybe_close(key);
             }
             OpKind::Close => {
-                if key != NO_CONN && self.conn_mut(key).is_some() {
-                    self.conns[key.slot as usize] = None;
-                    out.push(Event::Closed { key });
+                if key != NO_CONN {
+                    if let Some(c) = self.conn_mut(key) {
+                        let fixed = c.fixed;
+                        self.conns[key.slot as usize] = None;
+                        self.slot_freed(fixed);
+                        out.push(Event::Closed { key });
+                    }
                 }
                 self.accept_full = false;
+            }
+            OpKind::Release => {
+                self.slot_freed(key.slot);
+                self.accept_full = false;
+            }
+            OpKind::Install => {
+                // SAFETY: a non-negative result is a new descriptor the kernel installed for
+                // us; nothing else owns it.
+                let fd = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
+                let Some(c) = self.conn_mut(key) else { return };
+                c.install_submitted = false;
+                c.detaching = false;
+                if c.closing {
+                    // Closed while detaching: the plain descriptor is dropped, the slot closed.
+                    drop(fd);
+                    self.maybe_close(key);
+                    return;
+                }
+                match fd {
+                    Some(fd) => {
+                        let fixed = c.fixed;
+                        self.conns[key.slot as usize] = None;
+                        self.release(fixed);
+                        out.push(Event::Detached {
+                            key,
+                            result: Ok(fd),
+                        });
+                    }
+                    None => {
+                        if matches!(-res, libc::EINVAL | libc::EOPNOTSUPP) {
+                            tracing::debug!("io_uring cannot install direct descriptors here");
+                            self.install_supported = false;
+                        }
+                        out.push(Event::Detached {
+                            key,
+                            result: Err(io::Error::from_raw_os_error(-res)),
+                        });
+                        self.arm_recv(key);
+                    }
+                }
             }
             OpKind::Wake => {
                 if !more {
@@ -609,6 +778,8 @@ impl Driver for UringDriver {
             paused: false,
             closing: false,
             close_submitted: false,
+            detaching: false,
+            install_submitted: false,
             send: None,
         });
         self.arm_recv(key);
@@ -695,6 +866,60 @@ impl Driver for UringDriver {
 
     fn waker(&self) -> Waker {
         Waker::new(self.wake_fd.clone())
+    }
+
+    fn detach(&mut self, key: ConnKey) {
+        let supported = self.install_supported;
+        let refusal = match self.conn_mut(key) {
+            None => Some(io::Error::from(io::ErrorKind::NotConnected)),
+            Some(c) if c.closing || c.detaching => Some(io::Error::other(
+                "the connection is closing or already detaching",
+            )),
+            Some(c) if c.send.is_some() => Some(io::Error::other("a send is in flight")),
+            Some(_) if !supported => Some(io::Error::from(io::ErrorKind::Unsupported)),
+            Some(c) => {
+                c.detaching = true;
+                if c.recv_armed {
+                    let sqe = opcode::AsyncCancel2::new(CancelBuilder::user_data(encode_token(
+                        OpKind::Recv,
+                        key,
+                    )))
+                    .build()
+                    .user_data(encode_token(OpKind::Cancel, key));
+                    // SAFETY: a cancellation refers to no memory.
+                    unsafe { self.push(sqe) };
+                }
+                None
+            }
+        };
+        match refusal {
+            Some(e) => self.deferred.push(Event::Detached {
+                key,
+                result: Err(e),
+            }),
+            None => self.maybe_install(key),
+        }
+    }
+
+    fn adopt(&mut self, key: ConnKey, fd: OwnedFd) -> io::Result<()> {
+        let Some(fixed) = self.adopt_free.pop() else {
+            return Err(io::Error::other(if self.adopt_base.is_none() {
+                "this kernel cannot keep fixed slots for adopted sockets"
+            } else {
+                "every fixed slot for adopted sockets is in use"
+            }));
+        };
+        if let Err(e) = self
+            .ring
+            .submitter()
+            .register_files_update(fixed, &[fd.as_raw_fd()])
+        {
+            self.adopt_free.push(fixed);
+            return Err(e);
+        }
+        // The table holds its own reference to the socket now.
+        drop(fd);
+        self.attach(key, fixed)
     }
 }
 

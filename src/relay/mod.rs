@@ -143,6 +143,8 @@ pub enum MeshMsg {
         /// Where it was.
         loc: Location,
     },
+    /// A management connection handed over to the receiving shard, with its socket.
+    Adopt(Box<crate::shard::Handoff>),
 }
 
 /// Every shard's mesh inbox and wake-up. Built once all shards run, handed to each.

@@ -7,6 +7,7 @@
 //! close) → drain commands from the control thread when woken.
 
 pub mod conn;
+mod handoff;
 mod relay;
 pub mod timer;
 
@@ -28,6 +29,8 @@ use crate::status::StatusCell;
 use crate::tls::TlsSession;
 use conn::{After, ClientCas, Conn, Cx, Request, Settings};
 use timer::TimerWheel;
+
+pub use handoff::Handoff;
 
 /// Spare envelope buffers a shard keeps, in bytes (~240 envelopes of 17 KiB): what 16
 /// streams' 256 KiB windows put in flight at once, so bulk relay in steady state allocates
@@ -164,6 +167,8 @@ pub struct Shard<D: Driver> {
     budget_held: Vec<Event<D::Socket>>,
     /// Relay data frames (see [`Cx::frame_pool`]).
     frame_pool: VecPool,
+    /// Management connections being handed to another shard (`handoff`).
+    moving: Vec<handoff::Moving>,
 }
 
 /// The rest of what a shard starts with.
@@ -196,6 +201,8 @@ pub struct RelayLimits {
     /// Receive buffers that budget-paused connections may keep unprocessed (half the
     /// shard's receive buffers, so the other connections can still read).
     pub max_held_buffers: usize,
+    /// Hand new management connections to the shard with the fewest (`relay.spread_management`).
+    pub spread_management: bool,
 }
 
 impl<D: Driver> std::fmt::Debug for Shard<D> {
@@ -267,6 +274,7 @@ impl<D: Driver> Shard<D> {
             budget_stalled: Vec::new(),
             budget_held: Vec::new(),
             frame_pool: VecPool::new(128, 128 * 1024),
+            moving: Vec::new(),
         }
     }
 
@@ -374,6 +382,14 @@ impl<D: Driver> Shard<D> {
                     self.driver.recycle(buf);
                     return;
                 }
+                if let Some(i) = self.moving_index(key) {
+                    // Kept for the shard that will own the connection (`handoff`).
+                    ShardStats::add(&self.shared.stats[self.id].bytes_in, len as u64);
+                    let bytes = self.driver.buf_mut(buf, len);
+                    self.moving[i].held.extend_from_slice(bytes);
+                    self.driver.recycle(buf);
+                    return;
+                }
                 ShardStats::add(&self.shared.stats[self.id].bytes_in, len as u64);
                 self.rx_at = Some(Instant::now());
                 let now = self.now_ms();
@@ -416,7 +432,8 @@ impl<D: Driver> Shard<D> {
                 self.act(key.slot as usize);
             }
             Event::Eof { key } => {
-                if self.live(key) {
+                if self.live(key) && self.moving_mut(key).is_none() {
+                    // (A moving connection's new shard reads the end of stream again.)
                     self.conns[key.slot as usize].on_eof();
                     self.act(key.slot as usize);
                 }
@@ -452,6 +469,9 @@ impl<D: Driver> Shard<D> {
             }
             Event::Closed { key } => {
                 if self.live(key) {
+                    if !self.moving.is_empty() {
+                        self.moving.retain(|m| m.key != key);
+                    }
                     let slot = key.slot as usize;
                     let conn = self.conns.remove(slot);
                     self.generations[slot] =
@@ -488,15 +508,21 @@ impl<D: Driver> Shard<D> {
                     if let Some(b) = (conn.out.capacity() > 0).then_some(conn.out) {
                         self.pool.give(b);
                     }
-                    if !self.accepting && self.drain_until.is_none() {
-                        self.accepting = true;
-                        if !self.paced {
-                            self.driver.set_accepting(true);
-                        }
-                    }
+                    self.slot_freed();
                 }
             }
             Event::Wake => self.on_commands(),
+            Event::Detached { key, result } => self.on_detached(key, result),
+        }
+    }
+
+    /// A slab slot was freed: accept again if the shard was full.
+    fn slot_freed(&mut self) {
+        if !self.accepting && self.drain_until.is_none() {
+            self.accepting = true;
+            if !self.paced {
+                self.driver.set_accepting(true);
+            }
         }
     }
 
@@ -568,6 +594,9 @@ impl<D: Driver> Shard<D> {
                 return; // a stale duplicate; an earlier or later hint is pending
             }
             c.hint_tick = u64::MAX;
+        }
+        if self.moving_mut(key).is_some() {
+            return; // its new shard keeps the time from now on
         }
         self.with_cx(now, slot, |c, cx| {
             c.on_timer(cx);
@@ -651,10 +680,22 @@ impl<D: Driver> Shard<D> {
             }
             Request::BadRegistration => Job::BadRegistration { source },
             Request::ManagementUp => {
-                if let Some(s) = c.session() {
-                    self.sessions.insert(s.fingerprint, key);
+                // A client that sent envelopes along with its upgrade request (before reading
+                // the 101) stays: those are routed from here, with this shard's tags.
+                let pipelined = !c.relay_in.is_empty();
+                if let Some(to) = self.spread_target().filter(|_| !pipelined) {
+                    tracing::debug!(shard = self.id, to, "handing a management connection over");
+                    self.moving.push(handoff::Moving {
+                        key,
+                        to,
+                        held: Vec::new(),
+                        detaching: false,
+                    });
+                } else {
+                    // (Not in `sessions`: several management connections may share a
+                    // certificate; revocations look through `managers`.)
+                    self.managers.push(key);
                 }
-                self.managers.push(key);
                 return;
             }
             Request::SessionRefused { unit_id, reason } => Job::SessionRefused {
@@ -730,6 +771,9 @@ impl<D: Driver> Shard<D> {
         if self.wheel.tick_of(deadline) < c.hint_tick {
             c.hint_tick = self.wheel.insert(deadline, key.slot, key.generation);
         }
+        if !self.moving.is_empty() {
+            self.maybe_detach(slot);
+        }
     }
 
     fn on_commands(&mut self) {
@@ -767,18 +811,30 @@ impl<D: Driver> Shard<D> {
                     self.revocations = set;
                     let now = self.now_ms();
                     for k in kicks.iter() {
-                        let Some(&key) = self.sessions.get(&k.fingerprint) else {
-                            continue;
-                        };
-                        if !self.live(key) || self.conns[key.slot as usize].closing {
-                            continue;
+                        // A device credential has one session; a management certificate may
+                        // be shared by several connections (a cluster): all of them go.
+                        let device = self.sessions.get(&k.fingerprint).copied();
+                        let managers: Vec<ConnKey> = self
+                            .managers
+                            .iter()
+                            .copied()
+                            .filter(|m| {
+                                self.conns[m.slot as usize]
+                                    .session()
+                                    .is_some_and(|s| s.fingerprint == k.fingerprint)
+                            })
+                            .collect();
+                        for key in device.into_iter().chain(managers) {
+                            if !self.live(key) || self.conns[key.slot as usize].closing {
+                                continue;
+                            }
+                            let slot = key.slot as usize;
+                            tracing::info!(shard = self.id, reason = %k.reason, "closing a session");
+                            self.with_cx(now, slot, |c, cx| {
+                                c.kick(k, cx);
+                            });
+                            self.act(slot);
                         }
-                        let slot = key.slot as usize;
-                        tracing::info!(shard = self.id, reason = %k.reason, "closing a device session");
-                        self.with_cx(now, slot, |c, cx| {
-                            c.kick(k, cx);
-                        });
-                        self.act(slot);
                     }
                 }
                 Err(TryRecvError::Empty) => return,
@@ -801,6 +857,17 @@ impl<D: Driver> Shard<D> {
         self.drain_until = Some(now + drain.as_millis() as u64);
         self.accepting = false;
         self.driver.close_listener();
+        // Hand-overs not yet under way are called off: those connections close from here.
+        let (stay, under_way): (Vec<handoff::Moving>, Vec<handoff::Moving>) =
+            std::mem::take(&mut self.moving)
+                .into_iter()
+                .partition(|m| !m.detaching);
+        self.moving = under_way;
+        for m in stay {
+            if self.live(m.key) {
+                self.settle(m.key.slot as usize, m.held);
+            }
+        }
         let slots: Vec<usize> = self.conns.iter().map(|(s, _)| s).collect();
         for slot in slots {
             if self.conns[slot].closing {

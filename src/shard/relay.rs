@@ -280,7 +280,7 @@ impl<D: Driver> Shard<D> {
         self.mesh_send(shard, msg, source);
     }
 
-    fn mesh_send(&mut self, shard: usize, msg: MeshMsg, source: Option<ConnKey>) {
+    pub(super) fn mesh_send(&mut self, shard: usize, msg: MeshMsg, source: Option<ConnKey>) {
         let Some(mesh) = self.mesh.clone() else {
             // Start-up has not handed this shard the mesh yet: directory updates wait for it
             // (after_batch sends them once it is there); nothing else can be routed yet.
@@ -289,7 +289,7 @@ impl<D: Driver> Shard<D> {
                 dir @ (MeshMsg::DirPut { .. } | MeshMsg::DirDel { .. }) => {
                     self.mesh_backlog.push_back((shard, dir))
                 }
-                MeshMsg::Broadcast(_) => {}
+                MeshMsg::Broadcast(_) | MeshMsg::Adopt(_) => {}
             }
             return;
         };
@@ -593,6 +593,7 @@ impl<D: Driver> Shard<D> {
             MeshMsg::DirPut { unit, loc } => self.directory.put(&unit, loc),
             MeshMsg::DirDel { unit, loc } => self.directory.remove(&unit, loc),
             MeshMsg::Recycle(buf) => self.pool.give(buf),
+            MeshMsg::Adopt(h) => self.adopt(h),
         }
     }
 }
