@@ -466,6 +466,87 @@ mod tests {
         assert_eq!(rest, b"sent by a,sent by b");
     }
 
+    /// A detach the driver cannot do (here: asked with a send in flight) is reported, and the
+    /// connection keeps receiving where it is.
+    fn refused_detach_keeps_the_connection<D: Driver>(mut d: D) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        d.listen(l).unwrap();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        let key = ConnKey {
+            slot: 1,
+            generation: 1,
+        };
+        poll_until(&mut d, |d, ev| match ev {
+            Event::Accepted { sock, .. } => {
+                d.attach(key, sock).unwrap();
+                true
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        // Larger than the socket buffers, so the send is still in flight at the detach.
+        d.send(key, vec![7u8; 32 << 20]);
+        d.detach(key);
+        let mut refused = false;
+        let mut sent = false;
+        let mut got = Vec::new();
+        let mut drained = 0usize;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut events = Vec::new();
+        client.set_nonblocking(true).unwrap();
+        while !(refused && sent && got == b"still here") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: timed out",
+                d.name()
+            );
+            let mut sink = [0u8; 65536];
+            while let Ok(n) = io::Read::read(&mut client, &mut sink) {
+                if n == 0 {
+                    break;
+                }
+                drained += n;
+            }
+            d.poll(&mut events, Some(Duration::from_millis(10)))
+                .unwrap();
+            for ev in events.drain(..) {
+                match ev {
+                    Event::Detached { key: k, result } => {
+                        assert_eq!(k, key);
+                        assert!(
+                            result.is_err(),
+                            "{}: detached with a send in flight",
+                            d.name()
+                        );
+                        refused = true;
+                        io::Write::write_all(&mut client, b"still here").unwrap();
+                    }
+                    Event::SendDone { result, .. } => {
+                        result.unwrap();
+                        sent = true;
+                    }
+                    Event::Data { key: k, buf, len } => {
+                        assert_eq!(k, key);
+                        got.extend_from_slice(d.buf_mut(buf, len));
+                        d.recycle(buf);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        assert!(drained > 0);
+    }
+
+    #[test]
+    fn epoll_driver_refuses_a_detach_it_cannot_do() {
+        refused_detach_keeps_the_connection(epoll::EpollDriver::new(cfg()).unwrap());
+    }
+
+    #[test]
+    fn uring_driver_refuses_a_detach_it_cannot_do() {
+        refused_detach_keeps_the_connection(uring::UringDriver::new(cfg()).unwrap());
+    }
+
     #[test]
     fn epoll_driver_hands_a_connection_to_another() {
         detach_then_adopt(
