@@ -508,6 +508,106 @@ fn management_connections_are_spread_over_the_shards_and_work_after_the_move() {
     }
 }
 
+/// A management link opened the impatient way: the upgrade request and a first request
+/// envelope in one write, before the `101`. Returns the link once `hello` has been read.
+fn pipelined_link(gw: &Gateway, cert: &MgmtCert, channel: u32) -> mgmt::Ws {
+    use std::io::{Read, Write};
+    let mut tls = common::tls_connect(gw.addr, cert.config(&gw.root_pem()));
+    let mut bytes = format!(
+        "GET /usg/management HTTP/1.1\r\nHost: localhost:{}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n",
+        gw.port()
+    )
+    .into_bytes();
+    // One masked binary frame (RFC 6455 §5.2) carrying the request envelope.
+    let payload = mgmt::request(channel, "", "status", json!({})).encode();
+    assert!(payload.len() < 126);
+    let mask = [0x5a, 0x17, 0xc3, 0x88];
+    bytes.extend_from_slice(&[0x82, 0x80 | payload.len() as u8]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    tls.write_all(&bytes).unwrap();
+    tls.flush().unwrap();
+    // The response head, byte by byte, so nothing after it is consumed here.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut ws =
+        tungstenite::WebSocket::from_raw_socket(tls, tungstenite::protocol::Role::Client, None);
+    match ws.read() {
+        Ok(tungstenite::Message::Text(_)) => {}
+        other => panic!("no hello: {other:?}"),
+    }
+    ws
+}
+
+#[test]
+fn management_connections_racing_the_hand_over_lose_nothing() {
+    for driver in DRIVERS {
+        let gw = Gateway::start(driver, None, &["--shards", "2"]);
+        let cert = MgmtCert::issue(&gw.data_dir(), "ops");
+        // Pipelined links are routed from the shard that upgraded them (they never move), so
+        // the shards drift apart and later links face a hand-over decision; each link's first
+        // request must still be answered to it.
+        let mut kept = Vec::new();
+        for i in 0..6u32 {
+            let mut m = pipelined_link(&gw, &cert, 40 + i);
+            let resp = mgmt::recv_until(&mut m, T, |e| e.channel == 40 + i)
+                .unwrap_or_else(|| panic!("{driver}: pipelined link {i}: no answer"));
+            assert!(
+                resp.json()["result"]["status"].is_string(),
+                "{}",
+                resp.json()
+            );
+            kept.push(m);
+        }
+        // Links from 12 threads at once; half of them send a request and hang up at once (while
+        // they may be on their way to the other shard), half wait for the answer.
+        let threads: Vec<_> = (0..12u32)
+            .map(|i| {
+                let root = gw.root_pem();
+                let cfg = cert.config(&root);
+                let addr = gw.addr;
+                let port = gw.port();
+                std::thread::spawn(move || {
+                    let stream = common::tls_connect(addr, cfg);
+                    let url = format!("wss://localhost:{port}/usg/management");
+                    let (mut m, _) = tungstenite::client::client(url.as_str(), stream).unwrap();
+                    mgmt::send(&mut m, &mgmt::request(100 + i, "", "status", json!({})));
+                    if i % 2 == 0 {
+                        drop(m);
+                        return true;
+                    }
+                    mgmt::recv_until(&mut m, T, |e| e.channel == 100 + i).is_some()
+                })
+            })
+            .collect();
+        for (i, t) in threads.into_iter().enumerate() {
+            assert!(t.join().unwrap(), "{driver}: link {i} got no answer");
+        }
+        // The gateway still serves, and once everyone has left nothing is counted.
+        drop(kept);
+        let deadline = Instant::now() + T;
+        loop {
+            let m = metrics(&gw);
+            let mgmt_open: u64 = per_shard(&m, "fleetgate_management_connected").iter().sum();
+            let conns: u64 = per_shard(&m, "fleetgate_connections").iter().sum();
+            // (curl's own connection is the one left.)
+            if mgmt_open == 0 && conns <= 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{driver}: still counted:\n{m}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 #[test]
 fn management_connections_stay_put_when_spreading_is_off() {
     let gw = Gateway::start(
