@@ -252,11 +252,14 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     let mut mesh_senders = Vec::with_capacity(n);
     let settings = Settings::from_config(&config);
     let max_conns = match chosen {
-        // A ring's fixed file table cannot exceed RLIMIT_NOFILE.
-        Chosen::Uring => config
-            .limits
-            .max_connections_per_shard
-            .min(usize::try_from(nofile).unwrap_or(usize::MAX)),
+        // A ring's fixed file table cannot exceed RLIMIT_NOFILE, and its top slots are kept
+        // for management connections moved from other shards (`driver::uring::ADOPT_SLOTS`).
+        Chosen::Uring => config.limits.max_connections_per_shard.min(
+            usize::try_from(nofile)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(crate::driver::uring::ADOPT_SLOTS as usize)
+                .max(1),
+        ),
         Chosen::Epoll(_) => config.limits.max_connections_per_shard,
     };
     let dcfg = DriverConfig {

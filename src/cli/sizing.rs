@@ -388,7 +388,7 @@ pub fn report(args: &SizingArgs) -> anyhow::Result<String> {
     );
     let _ = writeln!(
         w,
-        "  io_uring: LimitNOFILE ≥ {}   each shard's fixed file table holds up to RLIMIT_NOFILE sockets; sockets take no ordinary fd",
+        "  io_uring: LimitNOFILE ≥ {}   each shard's fixed file table holds up to RLIMIT_NOFILE sockets (its connections plus 256 slots for management connections moved between shards); sockets take no ordinary fd",
         b.nofile_uring
     );
     let _ = writeln!(

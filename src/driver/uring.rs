@@ -39,8 +39,8 @@ use crate::sys::EventFd;
 /// Buffer group id of the shard's provided-buffer ring.
 const BGID: u16 = 0;
 /// Slots at the top of the fixed file table kept for adopted sockets (management connections
-/// moved here from another shard); fewer (an eighth of the table) when RLIMIT_NOFILE leaves no
-/// room above the connections.
+/// moved here from another shard), above `DriverConfig::max_connections`; fewer (an eighth
+/// of the table, taken from it) when RLIMIT_NOFILE leaves no room above the connections.
 pub const ADOPT_SLOTS: u32 = 256;
 /// `IORING_REGISTER_FILE_ALLOC_RANGE` (not wrapped by the `io-uring` crate).
 const REGISTER_FILE_ALLOC_RANGE: libc::c_uint = 25;
@@ -244,8 +244,9 @@ impl UringDriver {
         let wanted = u32::try_from(cfg.max_connections)
             .unwrap_or(u32::MAX)
             .min(u32::MAX - ADOPT_SLOTS);
-        // The adoption slots come on top of the connections, unless the table would then
-        // exceed RLIMIT_NOFILE (EMFILE): then they are carved out of it.
+        // The adoption slots come on top of the connections (the server leaves room for them
+        // under RLIMIT_NOFILE); if the table would still exceed it (EMFILE), they are carved
+        // out of it.
         let (table, adopt_len) = match ring.submitter().register_files_sparse(wanted + ADOPT_SLOTS)
         {
             Ok(()) => (wanted + ADOPT_SLOTS, ADOPT_SLOTS),
