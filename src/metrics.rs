@@ -98,6 +98,8 @@ pub struct ShardStats {
     pub budget_pauses: AtomicU64,
     /// Management connections this shard handed to another shard after their upgrade.
     pub management_moves: AtomicU64,
+    /// The shard thread's kernel thread ID, for its CPU time (0 until it runs).
+    pub thread: AtomicU64,
     /// Errors by kind.
     pub errors: [AtomicU64; 11],
     /// Requests and responses by time inside the gateway.
@@ -223,6 +225,20 @@ pub fn render(shards: &[ShardStats], health: Health, driver: &str, rss: Option<u
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
         for (i, s) in shards.iter().enumerate() {
             let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", get(f(s)));
+        }
+    }
+    let name = "fleetgate_shard_cpu_seconds_total";
+    let _ = writeln!(
+        o,
+        "# HELP {name} CPU time used by each shard's thread (user + system). A shard near one second per second while others idle is the serial stage, e.g. the one holding a busy management connection.\n# TYPE {name} counter"
+    );
+    for (i, s) in shards.iter().enumerate() {
+        let tid = get(&s.thread);
+        if let Some(secs) = (tid != 0)
+            .then(|| crate::sys::thread_cpu_seconds(tid))
+            .flatten()
+        {
+            let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {secs}");
         }
     }
     let counters: [Field; 6] = [

@@ -293,6 +293,9 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         let thread = std::thread::Builder::new()
             .name(format!("shard-{id}"))
             .spawn(move || {
+                shared.stats[id]
+                    .thread
+                    .store(crate::sys::thread_id(), Ordering::Relaxed);
                 if crate::sys::COUNT_SHARD_THREADS.load(Ordering::Relaxed) {
                     crate::sys::CountingAlloc::count_this_thread(true);
                 }

@@ -68,6 +68,18 @@ both_drivers!(check_status_and_metrics_over_curl, |driver| {
         body.contains("fleetgate_connections{shard=\"0\"}"),
         "{body}"
     );
+    // Each shard's CPU time: it did a TLS handshake or two already.
+    let cpu: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with("fleetgate_shard_cpu_seconds_total{shard="))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    let shards = body
+        .lines()
+        .filter(|l| l.starts_with("fleetgate_connections{shard="))
+        .count();
+    assert_eq!(cpu.len(), shards, "{body}");
+    assert!(cpu.iter().all(|c| *c >= 0.0), "{body}");
     assert!(
         body.contains("fleetgate_tls_handshakes_total{version=\"1.2\"} 1"),
         "{body}"

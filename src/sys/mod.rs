@@ -110,6 +110,28 @@ pub fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// The calling thread's kernel thread ID.
+pub fn thread_id() -> u64 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    u64::try_from(tid).unwrap_or(0)
+}
+
+/// CPU time (user + system) used so far by thread `tid` of this process, in seconds, from
+/// `/proc/self/task/TID/stat` (clock-tick resolution, 10 ms on most kernels).
+pub fn thread_cpu_seconds(tid: u64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces: the
+    // state is field 3 of proc(5), utime 14 and stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf takes no pointers.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some((utime + stime) as f64 / hz.max(1) as f64)
+}
+
 /// Resident set size of this process in bytes (from /proc/self/statm), if readable.
 pub fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -122,6 +144,32 @@ pub fn rss_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_thread_sees_its_own_cpu_time() {
+        let tid = thread_id();
+        assert!(tid > 0);
+        let before = thread_cpu_seconds(tid).expect("readable");
+        // Spin until the thread's own CPU clock says 150 ms (CPU time, not wall time: a busy
+        // machine only makes this take longer).
+        let cpu = || {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid timespec for the call to fill.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+        };
+        let start = cpu();
+        let mut x = 0u64;
+        while cpu() - start < 0.15 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let after = thread_cpu_seconds(tid).expect("readable");
+        assert!(after - before >= 0.1, "{before} → {after}");
+        assert!(thread_cpu_seconds(u64::MAX).is_none());
+    }
 
     #[test]
     fn eventfd_counts_and_drains() {
