@@ -81,22 +81,42 @@ pub struct Placement {
 }
 
 pub fn placement(text: &str) -> Placement {
-    let per_shard = |name: &str| -> Vec<u64> {
-        let mut v: Vec<(u64, u64)> = text
-            .lines()
-            .filter_map(|l| {
-                let rest = l.strip_prefix(name)?.strip_prefix("{shard=\"")?;
-                let (shard, value) = rest.split_once("\"} ")?;
-                Some((shard.parse().ok()?, value.trim().parse().ok()?))
-            })
-            .collect();
-        v.sort_unstable();
-        v.into_iter().map(|(_, n)| n).collect()
-    };
     Placement {
-        devices_per_shard: per_shard("fleetgate_devices_connected"),
-        management_per_shard: per_shard("fleetgate_management_connected"),
+        devices_per_shard: per_shard(text, "fleetgate_devices_connected"),
+        management_per_shard: per_shard(text, "fleetgate_management_connected"),
     }
+}
+
+/// The values of a per-shard metric (`NAME{shard="i"} value` lines), in shard order.
+fn per_shard<T: std::str::FromStr + Copy>(text: &str, name: &str) -> Vec<T> {
+    let mut v: Vec<(u64, T)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix("{shard=\"")?;
+            let (shard, value) = rest.split_once("\"} ")?;
+            Some((shard.parse().ok()?, value.trim().parse().ok()?))
+        })
+        .collect();
+    v.sort_unstable_by_key(|(shard, _)| *shard);
+    v.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Each shard thread's CPU seconds so far (`fleetgate_shard_cpu_seconds_total{shard}`), in
+/// shard order; empty for a gateway that does not report them.
+pub fn shard_cpu_secs(text: &str) -> Vec<f64> {
+    per_shard(text, "fleetgate_shard_cpu_seconds_total")
+}
+
+/// Cores each shard used between two [`shard_cpu_secs`] readings `secs` apart (rounded to
+/// 0.01); `None` when either reading is missing or they differ in shard count.
+pub fn shard_cores(before: &[f64], after: &[f64], secs: f64) -> Option<Vec<f64>> {
+    (!before.is_empty() && before.len() == after.len() && secs > 0.0).then(|| {
+        before
+            .iter()
+            .zip(after)
+            .map(|(a, b)| ((b - a) / secs * 100.0).round() / 100.0)
+            .collect()
+    })
 }
 
 pub fn parse(text: &str, metric: &str) -> Option<Snapshot> {
@@ -182,6 +202,19 @@ mod tests {
         assert_eq!((f.p50_le_ms, f.p90_le_ms, f.p99_le_ms), (0.01, 0.1, 1.0));
         assert!(f.p999_le_ms.is_infinite());
         assert_eq!(f.mean_ms, 0.1);
+    }
+
+    #[test]
+    fn cores_per_shard_from_two_readings() {
+        let t0 = "fleetgate_shard_cpu_seconds_total{shard=\"1\"} 2.5\n\
+                  fleetgate_shard_cpu_seconds_total{shard=\"0\"} 1\n";
+        let t1 = "fleetgate_shard_cpu_seconds_total{shard=\"0\"} 2\n\
+                  fleetgate_shard_cpu_seconds_total{shard=\"1\"} 8.5\n";
+        let (a, b) = (shard_cpu_secs(t0), shard_cpu_secs(t1));
+        assert_eq!(a, [1.0, 2.5]);
+        assert_eq!(shard_cores(&a, &b, 10.0), Some(vec![0.1, 0.6]));
+        assert_eq!(shard_cores(&[], &b, 10.0), None);
+        assert_eq!(shard_cores(&a, &b[..1], 10.0), None);
     }
 
     #[test]

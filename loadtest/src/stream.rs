@@ -92,6 +92,9 @@ pub struct StreamSummary {
     /// fleetgate only: devices and management connections per shard during the transfer
     /// (throughput here depends on it).
     pub gateway_placement: Option<crate::gateway_hops::Placement>,
+    /// fleetgate only: the cores each shard thread used during the transfer
+    /// (`fleetgate_shard_cpu_seconds_total`): the busiest one is the serial stage.
+    pub gateway_shard_cpu_cores: Option<Vec<f64>>,
     pub devices: DeviceStats,
     pub setup: StreamSetup,
 }
@@ -275,10 +278,15 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
     let control_at =
         || crate::gateway_hops::snapshot(mctx.addr, tls(), crate::gateway_hops::STREAM_CONTROL);
     let control0 = control_at().await;
-    let placement = crate::gateway_hops::fetch(mctx.addr, tls())
-        .await
-        .map(|t| crate::gateway_hops::placement(&t))
+    let metrics0 = crate::gateway_hops::fetch(mctx.addr, tls()).await;
+    let placement = metrics0
+        .as_deref()
+        .map(crate::gateway_hops::placement)
         .filter(|p| !p.devices_per_shard.is_empty());
+    let shard_cpu0 = metrics0
+        .as_deref()
+        .map(crate::gateway_hops::shard_cpu_secs)
+        .unwrap_or_default();
     let (g0, rss_before) = mgmt::gateway_sample(c.gateway_pid);
     let (w0, m0, busy0) = (
         pool.cpu_secs(),
@@ -358,6 +366,11 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
     let transfer_end = Instant::now();
     let (g1, _) = mgmt::gateway_sample(c.gateway_pid);
     let control1 = control_at().await;
+    let shard_cpu1 = crate::gateway_hops::fetch(mctx.addr, tls())
+        .await
+        .as_deref()
+        .map(crate::gateway_hops::shard_cpu_secs)
+        .unwrap_or_default();
     let (w1, m1, busy1) = (
         pool.cpu_secs(),
         crate::sys::own_cpu_secs(),
@@ -445,6 +458,11 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
             .zip(control1)
             .and_then(|(a, b)| crate::gateway_hops::figures(&a, &b)),
         gateway_placement: placement,
+        gateway_shard_cpu_cores: crate::gateway_hops::shard_cores(
+            &shard_cpu0,
+            &shard_cpu1,
+            transfer_secs,
+        ),
         devices: pool.stats.clone(),
         setup: StreamSetup {
             url: c.url.clone(),
@@ -480,6 +498,9 @@ async fn run(args: StreamArgs) -> Result<ExitCode> {
              shard {:?}",
             p.devices_per_shard, p.management_per_shard
         );
+    }
+    if let Some(cores) = &s.gateway_shard_cpu_cores {
+        eprintln!("stream: gateway CPU per shard (cores): {cores:?}");
     }
     if let Some(h) = &s.gateway_stream_control {
         eprintln!(
