@@ -74,6 +74,9 @@ pub struct RelaySummary {
     /// The gateway's own time per request or response during the measurement (its
     /// `fleetgate_relay_latency_seconds`; absent for servers without it).
     pub gateway_hops: Option<crate::gateway_hops::HopFigures>,
+    /// fleetgate only: the cores each shard thread used during the measurement
+    /// (`fleetgate_shard_cpu_seconds_total`).
+    pub gateway_shard_cpu_cores: Option<Vec<f64>>,
     /// How late a thread that only sleeps 1 ms at a time woke during the measurement: the
     /// machine's own floor under every wake-up of a round trip (`wakeup.rs`).
     pub wakeup_probe: crate::wakeup::WakeupFigures,
@@ -274,16 +277,27 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
             i as u64,
         )));
     }
-    let hops_at = |ctx: &crate::fleet::FleetContext| {
-        let tls = ctx
-            .url
+    let tls_of = |ctx: &crate::fleet::FleetContext| {
+        ctx.url
             .starts_with("wss:")
-            .then(|| (ctx.anonymous.clone(), ctx.server_name.clone()));
-        crate::gateway_hops::snapshot(ctx.addr, tls, crate::gateway_hops::RELAY)
+            .then(|| (ctx.anonymous.clone(), ctx.server_name.clone()))
+    };
+    let hops_at = |ctx: &crate::fleet::FleetContext| {
+        crate::gateway_hops::snapshot(ctx.addr, tls_of(ctx), crate::gateway_hops::RELAY)
+    };
+    let shard_cpu_at = |ctx: &crate::fleet::FleetContext| {
+        let f = crate::gateway_hops::fetch(ctx.addr, tls_of(ctx));
+        async move {
+            f.await
+                .as_deref()
+                .map(crate::gateway_hops::shard_cpu_secs)
+                .unwrap_or_default()
+        }
     };
     let probe = crate::wakeup::start(measure.into_std(), end.into_std());
     sleep_until(measure).await;
     let hops0 = hops_at(&mctx).await;
+    let shard_cpu0 = shard_cpu_at(&mctx).await;
     let g0 = mgmt::gateway_sample(c.gateway_pid).0;
     let (w0, m0, busy0) = (
         pool.cpu_secs(),
@@ -292,6 +306,7 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
     );
     sleep_until(end).await;
     let hops1 = hops_at(&mctx).await;
+    let shard_cpu1 = shard_cpu_at(&mctx).await;
     let g1 = mgmt::gateway_sample(c.gateway_pid).0;
     let (w1, m1, busy1) = (
         pool.cpu_secs(),
@@ -353,6 +368,11 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
         gateway_hops: hops0
             .zip(hops1)
             .and_then(|(a, b)| crate::gateway_hops::figures(&a, &b)),
+        gateway_shard_cpu_cores: crate::gateway_hops::shard_cores(
+            &shard_cpu0,
+            &shard_cpu1,
+            args.duration - args.warmup,
+        ),
         wakeup_probe: probe.join().unwrap_or_default(),
         requests: figures,
         gateway: GatewayFigures {
@@ -586,6 +606,9 @@ fn print_human(s: &RelaySummary) {
              p90 ≤ {} ms, p99 ≤ {} ms, p99.9 ≤ {} ms, mean {} ms",
             h.hops, h.p50_le_ms, h.p90_le_ms, h.p99_le_ms, h.p999_le_ms, h.mean_ms
         );
+    }
+    if let Some(cores) = &s.gateway_shard_cpu_cores {
+        eprintln!("relay: gateway CPU per shard (cores): {cores:?}");
     }
     let w = &s.wakeup_probe;
     eprintln!(
