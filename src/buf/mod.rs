@@ -108,6 +108,11 @@ impl VecPool {
             .map(|i| self.envelopes.swap_remove(i))
     }
 
+    /// A pooled small vector, if there is one (to send home to the shard that allocated it).
+    pub fn take_small_spare(&mut self) -> Option<Vec<u8>> {
+        self.small.pop()
+    }
+
     /// Returns a vector for reuse (dropped if its class is full or it grew too big).
     pub fn give(&mut self, mut v: Vec<u8>) {
         let cap = v.capacity();

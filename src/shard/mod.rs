@@ -37,6 +37,11 @@ pub use handoff::Handoff;
 /// nothing. Kept after a burst: buffers the burst already used, not added on top of its peak.
 pub const POOLED_ENVELOPE_BYTES: usize = 4 << 20;
 
+/// Small buffers from another shard in surplus (see `Shard::small_balance`) above which
+/// they are sent home: far above what requests and responses in flight leave, so a balanced
+/// exchange never returns any.
+const SMALL_RETURN_AFTER: i64 = 64;
+
 /// Buffers a shard may owe another that sent it envelopes before it had spares to send back.
 const MAX_RECYCLE_OWED: u32 = (POOLED_ENVELOPE_BYTES / crate::buf::ENVELOPE) as u32;
 
@@ -148,6 +153,11 @@ pub struct Shard<D: Driver> {
     /// a spare buffer at the time (its pool was empty, e.g. while stream data waits in a
     /// device's queue). Paid back in `after_batch` as buffers return to the pool.
     recycle_owed: Vec<u32>,
+    /// Per other shard: small buffers (requests, responses, credit) that came from it minus
+    /// those that went to it. Requests and responses cross both ways and keep this near 0;
+    /// credit flows one way (device → management side) and would leave the sending shard
+    /// allocating one buffer per credit, so past [`SMALL_RETURN_AFTER`] the surplus goes home.
+    small_balance: Vec<i64>,
     /// Connections paused until the mesh backlog drains.
     stalled: Vec<ConnKey>,
     /// This shard's management connections.
@@ -265,6 +275,7 @@ impl<D: Driver> Shard<D> {
             mesh_backlog: VecDeque::new(),
             mesh_dirty: 0,
             recycle_owed: vec![0; shard_count],
+            small_balance: vec![0; shard_count],
             stalled: Vec::new(),
             managers: Vec::new(),
             relay_limits,

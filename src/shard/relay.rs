@@ -297,6 +297,13 @@ impl<D: Driver> Shard<D> {
             // Held by this shard's gauge until the other shard takes it (on_mesh).
             ShardStats::add(&self.stats().relay_buffered, env.len() as u64);
         }
+        if let MeshMsg::Deliver { env, .. } | MeshMsg::Recycle(env) = &msg {
+            if env.capacity() < crate::buf::ENVELOPE {
+                if let Some(b) = self.small_balance.get_mut(shard) {
+                    *b -= 1;
+                }
+            }
+        }
         let result = if self.mesh_backlog.is_empty() {
             mesh.try_send(shard, msg)
         } else {
@@ -335,6 +342,16 @@ impl<D: Driver> Shard<D> {
     /// it is empty, and wakes every shard that got messages (one wake-up per shard per turn).
     pub(super) fn after_batch(&mut self) {
         self.budget_resume();
+        for shard in 0..self.small_balance.len() {
+            if self.small_balance[shard] > super::SMALL_RETURN_AFTER {
+                while self.small_balance[shard] > 0 {
+                    let Some(back) = self.pool.take_small_spare() else {
+                        break;
+                    };
+                    self.mesh_send(shard, MeshMsg::Recycle(back), None);
+                }
+            }
+        }
         for shard in 0..self.recycle_owed.len() {
             while self.recycle_owed[shard] > 0 {
                 let Some(back) = self.pool.take_spare(crate::buf::ENVELOPE) else {
@@ -578,6 +595,11 @@ impl<D: Driver> Shard<D> {
                 // ours goes home in exchange, so neither shard allocates in steady state.
                 // Small ones need no exchange: requests and their responses cross both ways.
                 let large = env.capacity() >= crate::buf::ENVELOPE;
+                if from_shard != self.id && !large {
+                    if let Some(b) = self.small_balance.get_mut(from_shard) {
+                        *b += 1;
+                    }
+                }
                 self.deliver_local(to, to_management, env, received);
                 if from_shard != self.id && large {
                     if let Some(back) = self.pool.take_spare(crate::buf::ENVELOPE) {
