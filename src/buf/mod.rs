@@ -220,6 +220,20 @@ mod tests {
     }
 
     #[test]
+    fn small_spares_come_only_from_the_small_class() {
+        let mut p = VecPool::new(4, 1 << 20);
+        assert!(p.take_small_spare().is_none());
+        p.give(Vec::with_capacity(ENVELOPE));
+        assert!(
+            p.take_small_spare().is_none(),
+            "an envelope is not a small spare"
+        );
+        p.give(Vec::with_capacity(300));
+        assert_eq!(p.take_small_spare().map(|v| v.capacity()), Some(300));
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
     fn each_class_is_bounded_on_its_own() {
         let mut p = VecPool::new(2, 1 << 20);
         for cap in [100, ENVELOPE, BIG] {
