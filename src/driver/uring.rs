@@ -391,6 +391,16 @@ impl UringDriver {
         unsafe { self.push(sqe) };
     }
 
+    /// Cancels the multishot receive of `key` (its last completion follows).
+    fn cancel_recv(&mut self, key: ConnKey) {
+        let sqe =
+            opcode::AsyncCancel2::new(CancelBuilder::user_data(encode_token(OpKind::Recv, key)))
+                .build()
+                .user_data(encode_token(OpKind::Cancel, key));
+        // SAFETY: a cancellation refers to no memory.
+        unsafe { self.push(sqe) };
+    }
+
     fn cancel_all(&mut self, key: ConnKey, fixed: u32) {
         let sqe = opcode::AsyncCancel2::new(CancelBuilder::fd(Fixed(fixed)).all())
             .build()
@@ -802,14 +812,7 @@ impl Driver for UringDriver {
         }
         c.paused = true;
         if c.recv_armed {
-            let sqe = opcode::AsyncCancel2::new(CancelBuilder::user_data(encode_token(
-                OpKind::Recv,
-                key,
-            )))
-            .build()
-            .user_data(encode_token(OpKind::Cancel, key));
-            // SAFETY: a cancellation refers to no memory.
-            unsafe { self.push(sqe) };
+            self.cancel_recv(key);
         }
     }
 
@@ -881,14 +884,7 @@ impl Driver for UringDriver {
             Some(c) => {
                 c.detaching = true;
                 if c.recv_armed {
-                    let sqe = opcode::AsyncCancel2::new(CancelBuilder::user_data(encode_token(
-                        OpKind::Recv,
-                        key,
-                    )))
-                    .build()
-                    .user_data(encode_token(OpKind::Cancel, key));
-                    // SAFETY: a cancellation refers to no memory.
-                    unsafe { self.push(sqe) };
+                    self.cancel_recv(key);
                 }
                 None
             }
