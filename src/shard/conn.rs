@@ -58,6 +58,9 @@ const BULK_OUTPUT: usize = BULK_TURN + buf::ENVELOPE + 1024;
 
 /// Bytes of queued data frames encrypted per `pump_bulk` turn.
 const BULK_TURN: usize = 64 * 1024;
+/// At most this many queued frames are sealed in one turn (a bound for the stack array that
+/// gathers them; small frames in the bulk lane are rare: a stream's `close` behind its data).
+const TURN_FRAMES: usize = 32;
 
 /// Limits and timeouts a shard applies to every connection (from the config).
 #[derive(Debug, Clone)]
@@ -441,17 +444,22 @@ impl Conn {
             cx.pool.give(std::mem::take(&mut self.out));
             self.out = cx.pool.take_min(BULK_OUTPUT);
         }
-        let mut budget: usize = BULK_TURN;
-        while budget > 0 {
-            let Some((frame, start)) = self.bulk.pop_front() else {
+        // The turn's frames are sealed together, into full records.
+        let mut parts: [&[u8]; TURN_FRAMES] = [&[]; TURN_FRAMES];
+        let (mut n, mut budget) = (0, BULK_TURN);
+        for (frame, start) in self.bulk.iter().take(TURN_FRAMES) {
+            if budget == 0 {
                 break;
-            };
-            let len = frame.len() - start;
-            self.bulk_bytes -= len;
-            budget = budget.saturating_sub(len);
-            if self.tls.send(&frame[start..], &mut self.out).is_err() {
-                self.after = After::Abort;
             }
+            parts[n] = &frame[*start..];
+            budget = budget.saturating_sub(parts[n].len());
+            n += 1;
+        }
+        if self.tls.send_parts(&parts[..n], &mut self.out).is_err() {
+            self.after = After::Abort;
+        }
+        for (frame, start) in self.bulk.drain(..n) {
+            self.bulk_bytes -= frame.len() - start;
             Self::recycle(frame, start, cx);
         }
     }

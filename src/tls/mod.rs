@@ -476,6 +476,15 @@ impl TlsSession {
         self.with_write(|w| encrypt_into(w, plain, out))
     }
 
+    /// Encrypts the concatenation of `parts` into `out` as full records (frames queued back to
+    /// back share records; see [`records::Records::seal_parts`]).
+    pub fn send_parts(&mut self, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), TlsError> {
+        if let Engine::Records(r) = &mut self.engine {
+            return r.seal_parts(records::APPLICATION_DATA, parts, out);
+        }
+        parts.iter().try_for_each(|p| self.send(p, out))
+    }
+
     /// Appends a close_notify alert to `out` (once).
     pub fn close_notify(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
         if self.close_notify_sent || !self.established {

@@ -395,7 +395,9 @@ impl Records {
     /// Sends a KeyUpdate (not requesting one back) under the current key, then switches to
     /// the next sending key.
     fn update_tx(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
-        self.seal_one(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
+        self.seal_one(HANDSHAKE, 5, out, |out| {
+            out.extend_from_slice(&[KEY_UPDATE, 0, 0, 1, 0])
+        })?;
         let (seq, secrets) = self.kernel.update_tx_secret()?;
         self.tx = Direction::new(seq, secrets)?;
         Ok(())
@@ -403,20 +405,59 @@ impl Records {
 
     /// Seals `plain` (of content type `typ`) into records appended to `out`.
     pub fn seal(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
-        let records = plain.len().div_ceil(MAX_PLAINTEXT).max(1);
-        out.reserve(plain.len() + records * (HEADER + EXPLICIT + 1 + TAG));
-        for chunk in plain.chunks(MAX_PLAINTEXT) {
-            self.seal_one(typ, chunk, out)?;
+        self.seal_parts(typ, &[plain], out)
+    }
+
+    /// Seals the concatenation of `parts` (one plaintext, in order) into records appended to
+    /// `out`, each as full as allowed: WebSocket frames queued back to back share records
+    /// instead of each ending in a short one (a 16 KiB data frame is 20 bytes over a record).
+    pub fn seal_parts(
+        &mut self,
+        typ: u8,
+        parts: &[&[u8]],
+        out: &mut Vec<u8>,
+    ) -> Result<(), TlsError> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let records = total.div_ceil(MAX_PLAINTEXT);
+        out.reserve(total + records * (HEADER + EXPLICIT + 1 + TAG));
+        let (mut part, mut offset, mut left) = (0, 0, total);
+        while left > 0 {
+            let n = left.min(MAX_PLAINTEXT);
+            self.seal_one(typ, n, out, |out| {
+                let mut want = n;
+                while want > 0 {
+                    let p = parts[part];
+                    let take = (p.len() - offset).min(want);
+                    out.extend_from_slice(&p[offset..offset + take]);
+                    (offset, want) = (offset + take, want - take);
+                    if offset == p.len() {
+                        (part, offset) = (part + 1, 0);
+                    }
+                }
+            })?;
+            left -= n;
         }
         Ok(())
     }
 
     /// Appends a close_notify alert.
     pub fn close_notify(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError> {
-        self.seal_one(ALERT, &[1, CLOSE_NOTIFY], out)
+        self.seal_one(ALERT, 2, out, |out| {
+            out.extend_from_slice(&[1, CLOSE_NOTIFY])
+        })
     }
 
-    fn seal_one(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
+    /// Appends one record of `typ` whose `len` plaintext bytes `fill` appends to `out`.
+    fn seal_one(
+        &mut self,
+        typ: u8,
+        len: usize,
+        out: &mut Vec<u8>,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), TlsError> {
         // The KeyUpdate itself (HANDSHAKE) still goes out under the old key.
         if self.tx.seq >= self.limit && typ != HANDSHAKE {
             if self.protection == Protection::Tls13 {
@@ -431,10 +472,10 @@ impl Records {
         let nonce = self.tx.nonce();
         let sealed = match self.protection {
             Protection::Tls13 => {
-                let len = plain.len() + 1 + TAG;
-                let head = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+                let wire = len + 1 + TAG;
+                let head = [APPLICATION_DATA, 3, 3, (wire >> 8) as u8, wire as u8];
                 out.extend_from_slice(&head);
-                out.extend_from_slice(plain);
+                fill(out);
                 out.push(typ);
                 self.tx.key.seal_in_place_separate_tag(
                     Nonce::assume_unique_for_key(nonce),
@@ -443,23 +484,23 @@ impl Records {
                 )
             }
             Protection::Tls12Gcm => {
-                let len = EXPLICIT + plain.len() + TAG;
-                out.extend_from_slice(&[typ, 3, 3, (len >> 8) as u8, len as u8]);
+                let wire = EXPLICIT + len + TAG;
+                out.extend_from_slice(&[typ, 3, 3, (wire >> 8) as u8, wire as u8]);
                 out.extend_from_slice(&nonce[4..]);
-                out.extend_from_slice(plain);
+                fill(out);
                 self.tx.key.seal_in_place_separate_tag(
                     Nonce::assume_unique_for_key(nonce),
-                    Aad::from(tls12_aad(self.tx.seq, typ, plain.len())),
+                    Aad::from(tls12_aad(self.tx.seq, typ, len)),
                     &mut out[base + HEADER + EXPLICIT..],
                 )
             }
             Protection::Tls12Chacha => {
-                let len = plain.len() + TAG;
-                out.extend_from_slice(&[typ, 3, 3, (len >> 8) as u8, len as u8]);
-                out.extend_from_slice(plain);
+                let wire = len + TAG;
+                out.extend_from_slice(&[typ, 3, 3, (wire >> 8) as u8, wire as u8]);
+                fill(out);
                 self.tx.key.seal_in_place_separate_tag(
                     Nonce::assume_unique_for_key(nonce),
-                    Aad::from(tls12_aad(self.tx.seq, typ, plain.len())),
+                    Aad::from(tls12_aad(self.tx.seq, typ, len)),
                     &mut out[base + HEADER..],
                 )
             }
@@ -623,6 +664,38 @@ mod tests {
         assert_eq!(out.len().div_ceil(MAX_PLAINTEXT + 40), 5, "five records");
         p.deliver_to_client(&out);
         assert_eq!(p.client_reads(), down, "{suite:?}: server → client");
+        // Frames queued back to back share records: three 16 KiB data frames (each 20 bytes
+        // over a record) and a short one are 4 records, not 7.
+        let frames = [
+            pattern(16_404, 3),
+            pattern(16_404, 4),
+            Vec::new(),
+            pattern(20, 5),
+            pattern(16_404, 6),
+        ];
+        let parts: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        let mut out = Vec::new();
+        p.server.send_parts(&parts, &mut out).unwrap();
+        let mut lens = Vec::new();
+        let mut rest = &out[..];
+        while rest.len() >= HEADER {
+            let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+            lens.push(len);
+            rest = &rest[HEADER + len..];
+        }
+        assert!(rest.is_empty(), "{suite:?}: whole records");
+        let total: usize = frames.iter().map(Vec::len).sum();
+        assert_eq!(
+            lens.len(),
+            total.div_ceil(MAX_PLAINTEXT),
+            "{suite:?}: {lens:?}"
+        );
+        p.deliver_to_client(&out);
+        assert_eq!(
+            p.client_reads(),
+            frames.concat(),
+            "{suite:?}: parts in order"
+        );
         if version == &rustls::version::TLS13 {
             // KeyUpdate from the client (rustls asks for one back): both directions re-key.
             p.client.refresh_traffic_keys().unwrap();
