@@ -294,9 +294,15 @@ fn streams_relay_with_credit_and_a_gone_peer_is_reset() {
     // An envelope above the size limit closes the sender's connection with 1009.
     // (Tested on a throwaway connection below.)
 
-    // The management connection goes away; the device's next stream message is reset.
+    // The management connection goes away: the device hears it (it had a stream from it),
+    // and its next stream message on that route is reset.
     drop(m);
-    std::thread::sleep(Duration::from_millis(300));
+    let down = mgmt::recv(&mut dev, T).expect("management_down");
+    assert_eq!(
+        (down.kind, down.channel, down.route),
+        (mgmt::EVENT, 0, route)
+    );
+    assert_eq!(down.json()["event"], "management_down");
     mgmt::send(&mut dev, &reply(mgmt::DATA, b"more".to_vec()));
     let reset = mgmt::recv(&mut dev, T).expect("a reset");
     assert_eq!(
@@ -392,6 +398,81 @@ fn devices_on_every_shard_are_reached_and_answers_go_to_the_asker() {
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
         .collect();
     assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+}
+
+#[test]
+fn devices_hear_when_the_management_connection_behind_their_streams_goes() {
+    let gw = Gateway::start("uring", None, &["--shards", "2"]);
+    let key = mass_key(&gw);
+    let cert = MgmtCert::issue(&gw.data_dir(), "ops");
+    let (mut m1, _) = mgmt::connect(&gw, cert.config(&gw.root_pem())).unwrap();
+    let (mut m2, _) = mgmt::connect(&gw, cert.config(&gw.root_pem())).unwrap();
+    let mut devs: Vec<(String, mgmt::Ws)> = (0..8)
+        .map(|i| {
+            let unit = format!("DOWN-{i}");
+            let (_, ws) = device(&gw, &key, &unit);
+            (unit, ws)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let text = metrics(&gw);
+    let devices = per_shard(&text, "fleetgate_devices_connected");
+    let managers = per_shard(&text, "fleetgate_management_connected");
+    assert!(
+        devices.iter().all(|&n| n > 0),
+        "devices on both shards: {devices:?}"
+    );
+    assert_eq!(managers, [1, 1], "one management link per shard");
+    let open = |unit: &str, channel: u32| Env {
+        kind: mgmt::OPEN,
+        channel,
+        route: 0,
+        unit: unit.into(),
+        body: br#"{"kind":"shadow","window":65536}"#.to_vec(),
+    };
+    // m1 opens a stream to every device, m2 one to device 0 and only a request to device 1.
+    let mut r1 = None;
+    for (i, (unit, dev)) in devs.iter_mut().enumerate() {
+        mgmt::send(&mut m1, &open(unit, 10 + i as u32));
+        let got = mgmt::recv(dev, T).expect("the open");
+        assert_eq!((got.kind, got.channel), (mgmt::OPEN, 10 + i as u32));
+        assert_eq!(
+            *r1.get_or_insert(got.route),
+            got.route,
+            "one route per link"
+        );
+    }
+    mgmt::send(&mut m2, &open(&devs[0].0, 7));
+    let r2 = mgmt::recv(&mut devs[0].1, T).expect("m2's open").route;
+    mgmt::send(&mut m2, &mgmt::request(8, &devs[1].0, "ping", json!({})));
+    assert_eq!(serve_one(&mut devs[1].1).channel, 8);
+    let r1 = r1.unwrap();
+    assert_ne!(r1, r2);
+    let is_down = |e: &Env, route: u64| {
+        e.kind == mgmt::EVENT
+            && e.channel == 0
+            && e.route == route
+            && e.json() == json!({"event": "management_down"})
+    };
+    // m1 goes: every device (on both shards) hears it, on m1's route.
+    drop(m1);
+    for (unit, dev) in devs.iter_mut() {
+        let e = mgmt::recv(dev, T).unwrap_or_else(|| panic!("{unit}: no management_down"));
+        assert!(is_down(&e, r1), "{unit}: {e:?}");
+    }
+    // m2 goes: only device 0 had a stream from it.
+    drop(m2);
+    let e = mgmt::recv(&mut devs[0].1, T).expect("device 0: management_down for m2");
+    assert!(is_down(&e, r2), "{e:?}");
+    // Nobody else hears anything: the next message at device 1 is a new link's request.
+    let (mut m3, _) = mgmt::connect(&gw, cert.config(&gw.root_pem())).unwrap();
+    for (i, (unit, dev)) in devs.iter_mut().enumerate().skip(1) {
+        mgmt::send(
+            &mut m3,
+            &mgmt::request(20 + i as u32, unit, "ping", json!({})),
+        );
+        assert_eq!(serve_one(dev).channel, 20 + i as u32, "{unit}");
+    }
 }
 
 /// The values of a per-shard metric (`NAME{shard="i"} v` lines), by shard.

@@ -38,6 +38,10 @@ pub const MAX_DATA: usize = 64 * 1024;
 pub const MAX_ENVELOPE: usize = MAX_HEADER + MAX_DATA;
 /// Default stream window (bytes of credit granted at open/accept): 256 KiB.
 pub const DEFAULT_WINDOW: u32 = 256 * 1024;
+/// The event the gateway sends a device, on the `route` of a management connection that is
+/// gone, when that connection had opened streams to it (`docs/protocol.md` §6.5): the device
+/// ends every stream of that route.
+pub const MANAGEMENT_DOWN: &str = "management_down";
 
 /// What an envelope is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,7 +51,8 @@ pub enum Kind {
     Request = 0x01,
     /// The answer to a request (same `channel`); body JSON `{"ok", "result" | "error"}`.
     Response = 0x02,
-    /// A notification; body JSON `{"event", …}`. Gateway → management, or device → management.
+    /// A notification; body JSON `{"event", …}`. Gateway → management, device → management,
+    /// and gateway → device ([`MANAGEMENT_DOWN`]).
     Event = 0x03,
     /// Opens a stream (`channel` = stream id); body JSON `{"kind", "window", …}`.
     Open = 0x10,

@@ -145,6 +145,9 @@ pub enum MeshMsg {
     },
     /// A management connection handed over to the receiving shard, with its socket.
     Adopt(Box<crate::shard::Handoff>),
+    /// The management connection with this route closed: tell the devices of the receiving
+    /// shard that it had opened streams to (`management_down`, `docs/protocol.md` §6.5).
+    ManagementDown(u64),
 }
 
 /// Every shard's mesh inbox and wake-up. Built once all shards run, handed to each.

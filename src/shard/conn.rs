@@ -182,6 +182,9 @@ pub struct DeviceSession {
     pub fingerprint: [u8; 32],
     /// The unit ID (certificate CN).
     pub unit_id: Box<str>,
+    /// Routes of the management connections that opened streams to this device (usually
+    /// none or one): each is told `management_down` when its connection goes.
+    pub stream_routes: Vec<u64>,
 }
 
 /// Something the connection needs the shard (or the registrar) to do.
@@ -482,6 +485,36 @@ impl Conn {
         self.bulk_bytes = 0;
     }
 
+    /// Notes that the management connection `route` opened a stream to this device session;
+    /// true when it is the first route noted (the shard then lists the connection).
+    pub fn note_stream_route(&mut self, route: u64) -> bool {
+        let Some(s) = self.session.as_deref_mut() else {
+            return false;
+        };
+        if s.stream_routes.contains(&route) {
+            return false;
+        }
+        s.stream_routes.push(route);
+        s.stream_routes.len() == 1
+    }
+
+    /// Forgets the stream route `route`; true when it was noted.
+    pub fn forget_stream_route(&mut self, route: u64) -> bool {
+        let Some(s) = self.session.as_deref_mut() else {
+            return false;
+        };
+        let before = s.stream_routes.len();
+        s.stream_routes.retain(|r| *r != route);
+        s.stream_routes.len() != before
+    }
+
+    /// Whether any management connection has opened streams to this device session.
+    pub fn has_stream_routes(&self) -> bool {
+        self.session
+            .as_deref()
+            .is_some_and(|s| !s.stream_routes.is_empty())
+    }
+
     /// The device session this connection carries, if admitted.
     pub fn session(&self) -> Option<&DeviceSession> {
         self.session.as_deref()
@@ -744,6 +777,7 @@ impl Conn {
         self.session = Some(Box::new(DeviceSession {
             fingerprint,
             unit_id,
+            stream_routes: Vec::new(),
         }));
         self.request = Some(Request::SessionUp);
     }
@@ -1226,6 +1260,7 @@ impl Handler<'_> {
                             *self.session = Some(Box::new(DeviceSession {
                                 fingerprint,
                                 unit_id: "".into(),
+                                stream_routes: Vec::new(),
                             }));
                             *self.request = Some(Request::ManagementUp);
                             return Role::Management;
@@ -1305,6 +1340,7 @@ impl Handler<'_> {
         *self.session = Some(Box::new(DeviceSession {
             fingerprint,
             unit_id,
+            stream_routes: Vec::new(),
         }));
         *self.request = Some(Request::SessionUp);
         Role::Device

@@ -160,6 +160,11 @@ pub struct Shard<D: Driver> {
     small_balance: Vec<i64>,
     /// Connections paused until the mesh backlog drains.
     stalled: Vec<ConnKey>,
+    /// Device sessions here that management connections opened streams to (see
+    /// `relay::management_down`); may hold closed ones until `stream_devices_mark`.
+    stream_devices: Vec<ConnKey>,
+    /// Length at which `stream_devices` is next compacted.
+    stream_devices_mark: usize,
     /// This shard's management connections.
     managers: Vec<ConnKey>,
     /// Relay queue caps.
@@ -277,6 +282,8 @@ impl<D: Driver> Shard<D> {
             recycle_owed: vec![0; shard_count],
             small_balance: vec![0; shard_count],
             stalled: Vec::new(),
+            stream_devices: Vec::new(),
+            stream_devices_mark: 64,
             managers: Vec::new(),
             relay_limits,
             client_cas,
@@ -384,7 +391,13 @@ impl<D: Driver> Shard<D> {
                         count = self.accept_errors,
                         connections = self.conns.len(),
                         "accept failed{}",
-                        if out_of_fds { "; pausing accepts until a connection closes" } else { "" }
+                        if out_of_fds {
+                            "; pausing accepts until a connection closes (this shard's \
+                             descriptors are used up: at most RLIMIT_NOFILE − 256 and \
+                             limits.max_connections_per_shard; `fleetgate sizing` gives both)"
+                        } else {
+                            ""
+                        }
                     );
                 }
             }
@@ -497,6 +510,7 @@ impl<D: Driver> Shard<D> {
                         }
                         if conn.management().is_some() {
                             self.managers.retain(|k| *k != key);
+                            self.management_closed(key);
                         } else {
                             self.shared.onboarding.close_session();
                             self.directory_update(&s.unit_id, key, false);

@@ -289,7 +289,7 @@ impl<D: Driver> Shard<D> {
                 dir @ (MeshMsg::DirPut { .. } | MeshMsg::DirDel { .. }) => {
                     self.mesh_backlog.push_back((shard, dir))
                 }
-                MeshMsg::Broadcast(_) | MeshMsg::Adopt(_) => {}
+                MeshMsg::Broadcast(_) | MeshMsg::Adopt(_) | MeshMsg::ManagementDown(_) => {}
             }
             return;
         };
@@ -451,6 +451,9 @@ impl<D: Driver> Shard<D> {
             h.route = 0;
         } else {
             h.unit = "";
+        }
+        if !to_management && f.kind == Kind::Open {
+            self.note_stream_route(to, f.route);
         }
         let now = self.now_ms();
         let mut left = Some(env);
@@ -616,6 +619,70 @@ impl<D: Driver> Shard<D> {
             MeshMsg::DirDel { unit, loc } => self.directory.remove(&unit, loc),
             MeshMsg::Recycle(buf) => self.pool.give(buf),
             MeshMsg::Adopt(h) => self.adopt(h),
+            MeshMsg::ManagementDown(route) => self.management_down(route),
+        }
+    }
+
+    /// A stream `open` reached device `to` from the management connection `route`: list the
+    /// device for that connection's `management_down`.
+    fn note_stream_route(&mut self, to: ConnKey, route: u64) {
+        if !self.conns[to.slot as usize].note_stream_route(route) {
+            return;
+        }
+        if self.stream_devices.len() >= self.stream_devices_mark {
+            // Devices that closed, or whose routes all went, leave the list here (amortised:
+            // the mark doubles with what stays).
+            let mut list = std::mem::take(&mut self.stream_devices);
+            list.retain(|k| self.live(*k) && self.conns[k.slot as usize].has_stream_routes());
+            self.stream_devices_mark = (2 * list.len()).max(64);
+            self.stream_devices = list;
+        }
+        self.stream_devices.push(to);
+    }
+
+    /// The management connection `route` is gone (it was on this shard or another): every
+    /// device here that it opened streams to gets the event `management_down` on that route,
+    /// so that the agent ends those streams (a terminal's shell, a shadow's socket) instead
+    /// of waiting for traffic that will not come.
+    pub(super) fn management_down(&mut self, route: u64) {
+        let body = format!(r#"{{"event":"{}"}}"#, envelope::MANAGEMENT_DOWN);
+        let h = Header {
+            kind: Kind::Event,
+            channel: 0,
+            route,
+            unit: "",
+        };
+        let now = self.now_ms();
+        let mut i = 0;
+        while i < self.stream_devices.len() {
+            let key = self.stream_devices[i];
+            if !self.live(key) {
+                self.stream_devices.swap_remove(i);
+                continue;
+            }
+            let slot = key.slot as usize;
+            if self.conns[slot].forget_stream_route(route) {
+                self.with_cx(now, slot, |c, cx| {
+                    c.deliver(&h, body.as_bytes(), cx);
+                });
+                self.act(slot);
+            }
+            if self.live(key) && self.conns[slot].has_stream_routes() {
+                i += 1;
+            } else {
+                self.stream_devices.swap_remove(i);
+            }
+        }
+    }
+
+    /// A management connection of this shard closed: every shard's devices hear of it.
+    pub(super) fn management_closed(&mut self, key: ConnKey) {
+        let route = route_of(self.id, key);
+        self.management_down(route);
+        for s in 0..self.shard_count {
+            if s != self.id {
+                self.mesh_send(s, MeshMsg::ManagementDown(route), None);
+            }
         }
     }
 }

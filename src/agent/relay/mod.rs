@@ -42,7 +42,7 @@ use serde_json::json;
 use super::AgentOptions;
 use super::state::{AgentState, DEFAULT_SHELL};
 use crate::proto::envelope::{
-    self, DEFAULT_WINDOW, ErrorBody, Header, Kind, RequestBody, ResponseBody,
+    self, DEFAULT_WINDOW, ErrorBody, Header, Kind, MANAGEMENT_DOWN, RequestBody, ResponseBody,
 };
 pub use flow::DATA_PIECE;
 use flow::{Deliver, Lanes, OutMsg, Outbound, StreamEntry};
@@ -276,6 +276,17 @@ impl Relay {
         let key = (route, channel);
         match header.kind {
             Kind::Request => self.request(Reply { route, channel }, body),
+            Kind::Event if is_management_down(body) => {
+                // The management connection behind `route` is gone (§6.5): its streams end
+                // here (shells killed, sockets shut, partial files deleted), unanswered.
+                let before = self.streams.len();
+                self.streams.retain(|(r, _), _| *r != route);
+                tracing::info!(
+                    route = format_args!("{route:#x}"),
+                    streams = before - self.streams.len(),
+                    "management connection gone: its streams ended"
+                );
+            }
             Kind::Response | Kind::Event => {
                 tracing::debug!(kind = ?header.kind, "ignoring a {:?} from the gateway", header.kind);
             }
@@ -580,6 +591,16 @@ fn encode(kind: Kind, route: u64, channel: u32, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Whether an event from the gateway is `{"event": "management_down"}` (§6.5).
+fn is_management_down(body: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Event<'a> {
+        #[serde(borrow)]
+        event: &'a str,
+    }
+    serde_json::from_slice::<Event<'_>>(body).is_ok_and(|e| e.event == MANAGEMENT_DOWN)
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -696,5 +717,70 @@ mod tests {
         assert!(r.next_control().is_none());
         r.handle(&encode(Kind::Open, 5, 6, br#"{"kind":"teleport"}"#));
         assert_eq!(answer(&mut r).1["error"]["code"], "stream_refused");
+    }
+
+    #[test]
+    fn management_down_ends_the_streams_of_that_route_only() {
+        use std::io::Read as _;
+        let dir = tempfile::tempdir().unwrap();
+        let vnc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let state = AgentState::open(dir.path().join("state")).unwrap();
+        let mut config = RelayConfig::from_state(&state, "U1");
+        config.vnc_port = vnc.local_addr().unwrap().port();
+        let mut r = Relay::new(config, state, AgentOptions::fast()).unwrap();
+        // Two shadow streams, from two management connections (routes 5 and 9).
+        for route in [5, 9] {
+            r.handle(&encode(Kind::Open, route, 6, br#"{"kind":"shadow"}"#));
+        }
+        let mut socks: Vec<std::net::TcpStream> = (0..2)
+            .map(|_| {
+                let (s, _) = vnc.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                s
+            })
+            .collect();
+        assert_eq!(r.open_streams(), 2);
+        // An unrelated event changes nothing; management_down for route 5 ends its stream.
+        r.handle(&encode(Kind::Event, 5, 0, br#"{"event":"something_else"}"#));
+        assert_eq!(r.open_streams(), 2);
+        r.handle(&encode(
+            Kind::Event,
+            5,
+            0,
+            br#"{"event":"management_down"}"#,
+        ));
+        assert_eq!(r.open_streams(), 1, "route 9's stream stays");
+        // Exactly one VNC socket was shut down (the other stays open and silent).
+        let mut ended = 0;
+        for s in &mut socks {
+            let mut b = [0u8; 16];
+            match s.read(&mut b) {
+                Ok(0) => ended += 1,
+                Ok(n) => panic!("unexpected {n} bytes"),
+                Err(e) => assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "{e}"
+                ),
+            }
+        }
+        assert_eq!(ended, 1);
+        // Nothing goes to the gateway for the ended stream (not even its accept, still
+        // queued when the event came): only route 9's accept.
+        let mut sent = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !sent.contains(&(Kind::Accept, 9)) && std::time::Instant::now() < deadline {
+            match r.next_control() {
+                Some(m) => {
+                    let h = Header::parse(&m).unwrap().0;
+                    sent.push((h.kind, h.route));
+                }
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        assert_eq!(sent, [(Kind::Accept, 9)]);
     }
 }
