@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
@@ -37,7 +37,10 @@ const CONSUME_PER_TICK: u64 = 48 * 1024;
 
 #[path = "common/mock_pki.rs"]
 mod mock_pki;
+#[path = "common/tinyproxy.rs"]
+mod tinyproxy;
 use mock_pki::Pki;
+use tinyproxy::{free_port, tinyproxy};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -737,68 +740,6 @@ fn a_certificate_from_another_ca_is_refused_by_tls() {
     o.ca = Some(s.cert.clone());
     let e = ManagementClient::connect(o).unwrap_err();
     assert!(matches!(e, ClientError::Tls { .. }), "{e}");
-}
-
-// ---- tinyproxy ----
-
-struct Tinyproxy {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Tinyproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn tinyproxy(dir: &Path, allow_port: u16) -> Tinyproxy {
-    let bin = ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("tinyproxy is not installed (apt-get install tinyproxy; .ci/run installs it)");
-    for _ in 0..5 {
-        let port = free_port();
-        let conf = dir.join("tinyproxy.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 20\nAllow 127.0.0.1\n\
-                 ConnectPort {allow_port}\nBasicAuth user pass\nLogLevel Info\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new(bin)
-            .arg("-d")
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut t = Tinyproxy { child, port };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return t;
-            }
-            if t.child.try_wait().unwrap().is_some() {
-                break; // port taken meanwhile: try another
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    panic!("tinyproxy did not start");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::device::Device;
 use common::mgmt::{self, Env, MgmtCert};
-use common::{DRIVERS, Gateway};
+use common::{DRIVERS, Gateway, per_shard};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(10);
@@ -473,16 +473,6 @@ fn devices_hear_when_the_management_connection_behind_their_streams_goes() {
         );
         assert_eq!(serve_one(dev).channel, 20 + i as u32, "{unit}");
     }
-}
-
-/// The values of a per-shard metric (`NAME{shard="i"} v` lines), by shard.
-fn per_shard(metrics: &str, name: &str) -> Vec<u64> {
-    let prefix = format!("{name}{{shard=");
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-        .collect()
 }
 
 /// Waits until a management link is closed by the gateway (close frame, or the connection

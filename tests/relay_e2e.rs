@@ -15,16 +15,17 @@
 mod common;
 
 use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::Gateway;
+use common::tinyproxy::tinyproxy;
+use common::{Gateway, per_shard};
 use fleetgate::agent::{
     AgentError, AgentEvent, AgentOptions, AgentState, Connector, RegisterRequest, RunOutcome,
     StopHandle, fetch_fingerprint, register, run,
@@ -238,16 +239,6 @@ fn metrics(gw: &Gateway) -> String {
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
     String::from_utf8_lossy(&common::read_all(&mut s)).into_owned()
-}
-
-/// The values of a per-shard metric (`NAME{shard="i"} v` lines), by shard.
-fn per_shard(metrics: &str, name: &str) -> Vec<u64> {
-    let prefix = format!("{name}{{shard=");
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-        .collect()
 }
 
 /// Waits until the per-shard metric `name` sums to `total`; returns it by shard.
@@ -648,67 +639,6 @@ fn an_idle_terminal_shell_dies_when_its_management_link_closes() {
 }
 
 // ---- through a real HTTP proxy ----
-
-struct Tinyproxy {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Tinyproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// tinyproxy with Basic auth `user`/`pass` that tunnels only to `allow_port`.
-fn tinyproxy(dir: &Path, allow_port: u16) -> Tinyproxy {
-    let bin = ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("tinyproxy is not installed (apt-get install tinyproxy; .ci/run installs it)");
-    for _ in 0..5 {
-        let port = free_port();
-        let conf = dir.join("tinyproxy.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 20\nAllow 127.0.0.1\n\
-                 ConnectPort {allow_port}\nBasicAuth user pass\nLogLevel Info\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new(bin)
-            .arg("-d")
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut t = Tinyproxy { child, port };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return t;
-            }
-            if t.child.try_wait().unwrap().is_some() {
-                break; // port taken meanwhile: try another
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    panic!("tinyproxy did not start");
-}
 
 #[test]
 fn through_tinyproxy_with_basic_auth_to_a_real_agent() {

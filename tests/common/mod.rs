@@ -5,6 +5,7 @@
 pub mod device;
 pub mod dnsmasq;
 pub mod mgmt;
+pub mod tinyproxy;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -294,4 +295,14 @@ pub fn have(program: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
+}
+
+/// The values of a per-shard metric (`NAME{shard="i"} v` lines), by shard.
+pub fn per_shard(metrics: &str, name: &str) -> Vec<u64> {
+    let prefix = format!("{name}{{shard=");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect()
 }
