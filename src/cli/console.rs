@@ -407,6 +407,16 @@ fn simple(args: &ConsoleArgs, c: &ManagementClient) -> anyhow::Result<ExitCode> 
                 for (k, v) in m {
                     writeln!(out, "{k:<13} {}", s(v))?;
                 }
+                // The status word is /usg/check-status's, recomputed at most every 30 s.
+                if m.get("status").and_then(Value::as_str) == Some("warn")
+                    && m.get("management").and_then(Value::as_u64).unwrap_or(0) > 0
+                {
+                    writeln!(
+                        out,
+                        "(the status is recomputed at most every 30 s: `warn` means no management \
+                         server was connected at the last check; it turns `ok` at the next one)"
+                    )?;
+                }
             } else {
                 print_json(&r)?;
             }
