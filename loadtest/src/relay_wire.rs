@@ -99,6 +99,9 @@ pub struct DeviceStats {
     pub stream_bytes: u64,
     /// `credit` envelopes sent.
     pub credits: u64,
+    /// `management_down` events (a management connection that had opened streams closed).
+    #[serde(default)]
+    pub management_down: u64,
     /// Envelopes of other kinds, or that did not parse.
     pub unexpected: u64,
     /// Sessions the gateway ended before `stop` (with the first reason seen).
@@ -118,6 +121,7 @@ impl DeviceStats {
         self.stream_bytes += o.stream_bytes;
         self.credits += o.credits;
         self.unexpected += o.unexpected;
+        self.management_down += o.management_down;
         self.lost += o.lost;
         if self.lost_sample.is_none() {
             self.lost_sample.clone_from(&o.lost_sample);

@@ -431,6 +431,13 @@ impl Device {
                 None
             }
             envelope::CREDIT => None,
+            envelope::EVENT if e.body == br#"{"event":"management_down"}"# => {
+                // The management connection behind `route` closed (protocol §6.5): its
+                // streams end here, unanswered.
+                streams.retain(|_, s| s.route != e.route);
+                self.stats.borrow_mut().management_down += 1;
+                None
+            }
             _ => {
                 self.stats.borrow_mut().unexpected += 1;
                 None
