@@ -5,7 +5,7 @@
 //! traversal and bad checksums, a terminal on a PTY, shadowing to a local TCP echo server,
 //! `move` and `root.offer`.
 
-use std::io::{ErrorKind, Read as _, Write as _};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +28,8 @@ use sha2::{Digest as _, Sha256};
 
 #[path = "common/mock_pki.rs"]
 mod mock_pki;
+#[path = "common/peers.rs"]
+mod peers;
 use mock_pki::{Pki, accept_until_stopped};
 
 // ---------------------------------------------------------------------------------------------
@@ -802,20 +804,8 @@ fn a_terminal_runs_echo_through_a_pty_and_reports_the_exit_code() {
 
 #[test]
 fn shadow_carries_bytes_both_ways_to_the_local_vnc_port() {
-    // A TCP echo server stands in for VNC.
-    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = echo.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        if let Ok((mut s, _)) = echo.accept() {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 || s.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-        // The listener is dropped: the port refuses from now on.
-    });
+    // A TCP echo server stands in for VNC (one connection; then the port refuses).
+    let port = peers::echo_server();
     let (_mock, _dir, agent, mut link) = setup("relay-6", move |s| {
         s.config.vnc_port = port;
     });

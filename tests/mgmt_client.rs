@@ -11,7 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -37,6 +37,9 @@ const CONSUME_PER_TICK: u64 = 48 * 1024;
 
 #[path = "common/mock_pki.rs"]
 mod mock_pki;
+#[path = "common/peers.rs"]
+mod peers;
+use peers::{hex, write_file};
 #[path = "common/tinyproxy.rs"]
 mod tinyproxy;
 use mock_pki::Pki;
@@ -478,10 +481,6 @@ fn tick(ws: &mut Ws, streams: &mut HashMap<u32, MockStream>) -> anyhow::Result<(
     Ok(())
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn options(s: &Setup, url: &str) -> ClientOptions {
     let mut o = ClientOptions::new(url, &s.cert, &s.key);
     o.ca = Some(s.root.clone());
@@ -541,27 +540,6 @@ fn concurrent_requests_are_correlated_by_id() {
     for t in threads {
         t.join().unwrap();
     }
-}
-
-fn write_file(path: &Path, len: usize) -> String {
-    let mut f = std::fs::File::create(path).unwrap();
-    let mut h = Sha256::new();
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut left = len;
-    while left > 0 {
-        for b in buf.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        let n = left.min(buf.len());
-        f.write_all(&buf[..n]).unwrap();
-        h.update(&buf[..n]);
-        left -= n;
-    }
-    hex(&h.finalize())
 }
 
 #[test]

@@ -14,8 +14,7 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpListener;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -24,6 +23,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::peers::{alive, echo_server, hex, write_file};
 use common::tinyproxy::tinyproxy;
 use common::{Gateway, per_shard};
 use fleetgate::agent::{
@@ -281,32 +281,6 @@ fn wait_event(rx: &Receiver<Event>, kind: EventKind, unit: &str) -> Event {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Writes `len` pseudo-random bytes to `path`; returns their SHA-256.
-fn write_file(path: &Path, len: usize) -> String {
-    let mut f = std::fs::File::create(path).unwrap();
-    let mut h = Sha256::new();
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut left = len;
-    while left > 0 {
-        for b in buf.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
-        let n = left.min(buf.len());
-        f.write_all(&buf[..n]).unwrap();
-        h.update(&buf[..n]);
-        left -= n;
-    }
-    hex(&h.finalize())
-}
-
 /// Reads a stream until `done(bytes so far)` holds or the device closes (`Ok(0)`); panics
 /// after `T` or on an error.
 fn read_until(r: &mut StreamReader, out: &mut Vec<u8>, done: impl Fn(&[u8]) -> bool) {
@@ -330,28 +304,6 @@ fn number_between(text: &str, before: &str, after: &str) -> Option<u32> {
         let end = rest.find(after)?;
         rest[..end].parse().ok()
     })
-}
-
-/// Whether process `pid` exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
-}
-
-/// A TCP echo server for one connection (standing in for the device's VNC server).
-fn echo_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        if let Ok((mut s, _)) = l.accept() {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 || s.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    port
 }
 
 // ---------------------------------------------------------------------------------------------

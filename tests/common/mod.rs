@@ -5,6 +5,7 @@
 pub mod device;
 pub mod dnsmasq;
 pub mod mgmt;
+pub mod peers;
 pub mod tinyproxy;
 
 use std::io::{BufRead, BufReader, Read, Write};
