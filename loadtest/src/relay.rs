@@ -45,6 +45,11 @@ pub struct RelayArgs {
     /// Seconds to wait for every device's session
     #[arg(long, value_parser = parse_secs, default_value = "600")]
     pub connect_timeout: f64,
+    /// The round-trip p99 to judge the run against, ms (issue 5's target). The summary says
+    /// whether it was met and whether the machine was quiet enough to tell: a round trip has
+    /// 4–6 wake-ups, so a machine whose own wake-up p99.9 is above the target cannot show it
+    #[arg(long, default_value_t = 2.0)]
+    pub rtt_target_ms: f64,
 }
 
 /// `5000`, `5000/s`, `5k/s`.
@@ -80,11 +85,52 @@ pub struct RelaySummary {
     /// How late a thread that only sleeps 1 ms at a time woke during the measurement: the
     /// machine's own floor under every wake-up of a round trip (`wakeup.rs`).
     pub wakeup_probe: crate::wakeup::WakeupFigures,
+    /// The RTT p99 against `--rtt-target-ms`, with the probe's verdict on the machine.
+    pub rtt_target: RttTarget,
     pub gateway: GatewayFigures,
     pub generator: GeneratorFigures,
     /// Busy CPU of the whole machine during the measurement (from /proc/stat), in cores.
     pub machine_busy_cores: Option<f64>,
     pub setup: RelaySetup,
+}
+
+/// `--rtt-target-ms` and what this run can say about it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RttTarget {
+    pub target_ms: f64,
+    /// RTT p99 ≤ the target.
+    pub met: bool,
+    /// The wake-up probe's p99.9 ≤ the target: the machine did not, by itself, put the
+    /// target out of reach.
+    pub machine_quiet: bool,
+}
+
+impl RttTarget {
+    fn judge(target_ms: f64, rtt: &Latency, probe: &crate::wakeup::WakeupFigures) -> Self {
+        RttTarget {
+            target_ms,
+            met: rtt.samples > 0 && rtt.p99 <= target_ms,
+            machine_quiet: probe.samples > 0 && probe.p999_ms <= target_ms,
+        }
+    }
+
+    /// One line for the summary.
+    fn describe(&self, rtt: &Latency, probe: &crate::wakeup::WakeupFigures) -> String {
+        let t = self.target_ms;
+        match (self.met, self.machine_quiet) {
+            (true, _) => format!("RTT p99 {} ms ≤ {t} ms: target met", rtt.p99),
+            (false, true) => format!(
+                "RTT p99 {} ms > {t} ms: target missed on a quiet machine (wake-up p99.9 {} ms)",
+                rtt.p99, probe.p999_ms
+            ),
+            (false, false) => format!(
+                "RTT p99 {} ms > {t} ms, but the machine itself was noisy (wake-up p99.9 {} ms \
+                 > {t} ms, and a round trip has 4–6 wake-ups): this run cannot tell; run again \
+                 on a quiet machine",
+                rtt.p99, probe.p999_ms
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -346,6 +392,8 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
             figures.unanswered
         )
     };
+    let rtt = summary::latency_ms(&hist);
+    let wakeup_probe = probe.join().unwrap_or_default();
     let s = RelaySummary {
         scenario: "relay",
         ok,
@@ -364,7 +412,8 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
             answered_per_sec: summary::round2(figures.answered_ok as f64 / window),
             per_second,
         },
-        rtt_ms: summary::latency_ms(&hist),
+        rtt_ms: rtt.clone(),
+        rtt_target: RttTarget::judge(args.rtt_target_ms, &rtt, &wakeup_probe),
         gateway_hops: hops0
             .zip(hops1)
             .and_then(|(a, b)| crate::gateway_hops::figures(&a, &b)),
@@ -373,7 +422,7 @@ async fn run(args: RelayArgs) -> Result<ExitCode> {
             &shard_cpu1,
             args.duration - args.warmup,
         ),
-        wakeup_probe: probe.join().unwrap_or_default(),
+        wakeup_probe,
         requests: figures,
         gateway: GatewayFigures {
             pid: c.gateway_pid,
@@ -617,6 +666,10 @@ fn print_human(s: &RelaySummary) {
         w.samples, w.p50_ms, w.p99_ms, w.p999_ms, w.max_ms, w.late_over_2ms, w.lost_in_those_ms
     );
     eprintln!(
+        "relay: {}",
+        s.rtt_target.describe(&s.rtt_ms, &s.wakeup_probe)
+    );
+    eprintln!(
         "relay: gateway CPU {:?} cores, RSS {:?} → {:?} → {:?} bytes; generator {} cores; \
          machine busy {:?} cores; max send lag {} ms",
         s.gateway.cpu_cores,
@@ -632,6 +685,43 @@ fn print_human(s: &RelaySummary) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rtt_target_is_judged_with_the_machine_s_own_noise() {
+        let rtt = |p99| Latency {
+            samples: 1000,
+            p50: 0.5,
+            p90: 0.8,
+            p99,
+            max: 9.0,
+            mean: 0.6,
+        };
+        let probe = |p999_ms| crate::wakeup::WakeupFigures {
+            samples: 1000,
+            p999_ms,
+            ..Default::default()
+        };
+        let met = RttTarget::judge(2.0, &rtt(1.7), &probe(3.0));
+        assert!(met.met && !met.machine_quiet);
+        assert!(met.describe(&rtt(1.7), &probe(3.0)).contains("target met"));
+        let missed = RttTarget::judge(2.0, &rtt(2.5), &probe(1.5));
+        assert!(!missed.met && missed.machine_quiet);
+        assert!(
+            missed
+                .describe(&rtt(2.5), &probe(1.5))
+                .contains("missed on a quiet machine")
+        );
+        let noisy = RttTarget::judge(2.0, &rtt(4.0), &probe(4.5));
+        assert!(!noisy.met && !noisy.machine_quiet);
+        assert!(
+            noisy
+                .describe(&rtt(4.0), &probe(4.5))
+                .contains("cannot tell")
+        );
+        // No samples: nothing is met, nothing is quiet.
+        let none = RttTarget::judge(2.0, &Latency::default(), &Default::default());
+        assert!(!none.met && !none.machine_quiet);
+    }
 
     #[test]
     fn rates_parse() {
